@@ -1,0 +1,307 @@
+"""Training data: CIFAR-10, MNIST (torchvision) or a folder of images, decoded and resized once.
+
+Every dataset is turned into a uint8 tensor cache of shape [N, C, image_size, image_size] under
+``data_dir/cache/`` (rebuilt when the source or image_size changes). Small caches are read into memory;
+large ones are memory-mapped and streamed by loader workers. Scaling to [-1, 1] and random flips happen on
+the training device (``to_model_input``), so the loader moves 1 byte per pixel instead of 4.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+from tqdm.auto import tqdm
+
+from config import Config, UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+CACHE_FORMAT = 1  # bump when the way images are decoded or resized changes, so old caches are rebuilt
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding one image
+# ---------------------------------------------------------------------------------------------------
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16/32-bit greyscale scaled down, transparency composited onto white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit, 32-bit or float greyscale
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 1.0 if array.max() <= 1 else 255.0
+        image = Image.fromarray((array * (255.0 / peak)).round().clip(0, 255).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
+
+
+def resize_and_crop(image_size: int) -> transforms.Compose:
+    """Shorter side to image_size (up or down), then the centre square: the README's preprocessing."""
+    return transforms.Compose([
+        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
+        transforms.CenterCrop(image_size),
+    ])
+
+
+def plain_transform(image_size: int, channels: int) -> transforms.Compose:
+    """The per-image torchvision pipeline that the cache reproduces (kept for tests and benchmarks)."""
+    return transforms.Compose([
+        resize_and_crop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5] * channels, [0.5] * channels),
+    ])
+
+
+def decode_file(path: str, image_size: int) -> Optional[np.ndarray]:
+    """One image file as uint8 [3, S, S], or None when it cannot be read (truncated, not an image...)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            pixels = resize_and_crop(image_size)(to_rgb(image))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return np.asarray(pixels, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def to_model_input(batch: torch.Tensor, random_flip: bool) -> torch.Tensor:
+    """uint8 [B,C,H,W] on the device -> float [-1, 1], flipped left-right at random per image."""
+    images = batch.float().div_(127.5).sub_(1.0)  # == ToTensor() then Normalize(0.5, 0.5)
+    if random_flip:
+        flip = torch.rand(images.shape[0], 1, 1, 1, device=images.device) < 0.5
+        images = torch.where(flip, images.flip(-1), images)
+    return images
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources: each gives a count, a fingerprint of its contents, its channels and an image reader
+# ---------------------------------------------------------------------------------------------------
+
+
+class Source:
+    def __init__(self, name: str, count: int, channels: int, fingerprint: str,
+                 read: Callable[[int, int], Optional[np.ndarray]], label: str):
+        self.name, self.count, self.channels, self.fingerprint, self.read, self.label = (
+            name, count, channels, fingerprint, read, label)
+
+
+def _download_error(name: str, data_dir: str, error: Exception) -> UserError:
+    return UserError(
+        f"could not download {name} into {data_dir} ({error.__class__.__name__}: no network?); copy the "
+        f"dataset there by hand and pass --data_dir, or train on your own images with --dataset_name custom "
+        f"--dataset_path DIR")
+
+
+def _torchvision_source(name: str, data_dir: str) -> Source:
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "mnist": datasets.MNIST}[name]
+    try:
+        dataset = cls(root=data_dir, train=True, download=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        raise _download_error({"cifar10": "CIFAR-10", "mnist": "MNIST"}[name], data_dir, e) from None
+    pixels = np.asarray(dataset.data)  # CIFAR-10: [N,32,32,3] uint8, MNIST: [N,28,28] uint8
+    channels = 3 if pixels.ndim == 4 else 1
+    fingerprint = hashlib.sha1(np.ascontiguousarray(pixels).data).hexdigest()
+
+    def read(index: int, image_size: int) -> np.ndarray:
+        image = Image.fromarray(pixels[index])
+        array = np.asarray(resize_and_crop(image_size)(image), dtype=np.uint8)
+        return array.transpose(2, 0, 1) if array.ndim == 3 else array[None]
+
+    return Source(name, len(pixels), channels, fingerprint, read, f"{name} in {data_dir}")
+
+
+def find_images(folder: str) -> list[Path]:
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"dataset_path {folder} is not a folder; pass --dataset_path pointing at your images")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise UserError(f"dataset_path {folder} holds no images (read recursively: "
+                        f"{', '.join(IMAGE_EXTENSIONS)}); add some or point --dataset_path elsewhere")
+    return files
+
+
+def _folder_source(folder: Optional[str]) -> Source:
+    if not folder:
+        raise UserError("dataset_name custom needs a folder of images: pass --dataset_path DIR")
+    files = find_images(folder)
+    listing = "\n".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in files)
+    fingerprint = hashlib.sha1(listing.encode()).hexdigest()
+    return Source("custom", len(files), 3, fingerprint, lambda i, size: decode_file(str(files[i]), size), str(folder))
+
+
+def open_source(cfg: Config) -> Source:
+    name = cfg.training.dataset_name
+    if name == "custom":
+        return _folder_source(cfg.data.dataset_path)
+    return _torchvision_source(name, cfg.data.data_dir)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The uint8 cache
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Reader(Dataset):
+    """Decodes source images in loader workers while the cache is built."""
+
+    def __init__(self, source: Source, image_size: int):
+        self.source, self.image_size = source, image_size
+
+    def __len__(self) -> int:
+        return self.source.count
+
+    def __getitem__(self, index: int):
+        return self.source.read(index, self.image_size)
+
+
+def _first(batch):
+    return batch[0]
+
+
+def build_cache(source: Source, image_size: int, path: Path, workers: int, progress: bool) -> dict:
+    """Decode every image once into a .npy file (written beside, then renamed into place)."""
+    shape = (source.count, source.channels, image_size, image_size)
+    tmp = path.with_name(path.name + f".partial-{os.getpid()}")
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    loader = DataLoader(_Reader(source, image_size), batch_size=1, num_workers=workers, collate_fn=_first)
+    count, skipped = 0, []
+    try:
+        for index, image in enumerate(tqdm(loader, desc=f"caching {source.label} at {image_size}px",
+                                           unit="img", disable=not progress)):
+            if image is None:
+                skipped.append(index)
+                continue
+            array[count] = image
+            count += 1
+        array.flush()
+        del array
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"format": CACHE_FORMAT, "count": count, "skipped": skipped, "source": source.label}
+
+
+class ImageCache(Dataset):
+    """uint8 [C,S,S] images from a cache file, in memory or memory-mapped; fetched a batch at a time."""
+
+    def __init__(self, path: Path, count: int, in_memory: bool):
+        self.path, self.count, self.in_memory = path, count, in_memory
+        self._images = self._open() if in_memory else None
+
+    def _open(self) -> torch.Tensor | np.ndarray:
+        array = np.load(self.path, mmap_mode="r")[: self.count]
+        return torch.from_numpy(np.array(array)) if self.in_memory else array
+
+    @property
+    def images(self):
+        if self._images is None:  # opened lazily, so each loader worker maps the file itself
+            self._images = self._open()
+        return self._images
+
+    def __getstate__(self):
+        return {**self.__dict__, "_images": None if not self.in_memory else self._images}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(self.images[index]))
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        if self.in_memory:
+            return self.images[torch.as_tensor(indices)]
+        order = np.argsort(indices)  # read the memory map in file order, return in the asked order
+        rows = self.images[np.asarray(indices)[order]]
+        return torch.from_numpy(rows[np.argsort(order)])
+
+
+def load_dataset(cfg: Config, progress: bool = True) -> ImageCache:
+    """Open (building on first use) the uint8 cache of the configured dataset at cfg.training.image_size.
+
+    In several processes call it on the main process first (accelerator.main_process_first()).
+    """
+    source = open_source(cfg)
+    size = cfg.training.image_size
+    key = hashlib.sha1(f"{CACHE_FORMAT}|{source.fingerprint}|{size}".encode()).hexdigest()[:16]
+    path = Path(cfg.data.data_dir).expanduser() / "cache" / f"{source.name}-{size}px-{key}.npy"
+    meta_path = path.with_suffix(".json")
+    if path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+    else:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write the dataset cache under --data_dir {cfg.data.data_dir} ({e.strerror}); "
+                            f"pass a writable --data_dir") from None
+        workers = min(4, os.cpu_count() or 1) if source.name == "custom" else 0
+        meta = build_cache(source, size, path, workers, progress)
+        with open(meta_path.with_suffix(".json.partial"), "w") as f:
+            json.dump(meta, f)
+        os.replace(meta_path.with_suffix(".json.partial"), meta_path)
+    if meta["skipped"]:
+        print(f"warning: skipped {len(meta['skipped'])} of {source.count} images in {source.label} that could "
+              f"not be read (truncated or not images)")
+    if meta["count"] == 0:
+        raise UserError(f"none of the {source.count} images in {source.label} could be read; check the files")
+    nbytes = meta["count"] * source.channels * size * size
+    in_memory = nbytes <= psutil.virtual_memory().total // 4
+    return ImageCache(path, meta["count"], in_memory)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------------
+
+
+class EpochShuffle(Sampler[int]):
+    """A new order each epoch that is a pure function of (seed, epoch), so a resumed run sees the same
+    batches. Yields a multiple of `multiple_of` indices (the global batch), so every batch on every process
+    is full, no image repeats within an epoch, and a compiled model never sees a smaller last batch."""
+
+    def __init__(self, count: int, seed: int, multiple_of: int):
+        self.count, self.seed, self.epoch = count, seed, 0
+        self.length = count // multiple_of * multiple_of
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(self.count, generator=generator)[: self.length].tolist()
+
+
+def _as_batch(batch: torch.Tensor) -> torch.Tensor:
+    return batch  # ImageCache.__getitems__ already returns the stacked batch
+
+
+def make_dataloader(dataset: ImageCache, batch_size: int, num_processes: int, seed: int, workers: int,
+                    pin_memory: bool) -> tuple[DataLoader, EpochShuffle]:
+    global_batch = batch_size * num_processes
+    if len(dataset) < global_batch:
+        raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of train_batch_size x "
+                        f"processes = {global_batch}; lower --train_batch_size or add images")
+    if workers < 0:
+        workers = 0 if dataset.in_memory else min(4, os.cpu_count() or 1)
+    sampler = EpochShuffle(len(dataset), seed, global_batch)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=_as_batch,
+                        num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    return loader, sampler

@@ -1,0 +1,181 @@
+"""Sampling and image writing, shared by the training previews and inference.py.
+
+An image is addressed by its seed: its initial noise and every noise draw of a stochastic sampler come
+from a CPU generator of its own, so image i depends on (model, sampler, steps, seed) and not on the batch
+it was drawn in, the batch size or the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import imageio.v3 as iio
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
+
+# name -> (scheduler class, settings over the trained DDPM config). Each of these is correct in the loop
+# of sample_images: it calls scale_model_input and init_noise_sigma (Euler, Heun) and passes the per-image
+# generators only to samplers whose step draws noise.
+SAMPLER_CLASSES: dict[str, tuple[type[SchedulerMixin], dict]] = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {"timestep_spacing": "trailing"}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "timestep_spacing": "trailing"}),
+    "unipc": (UniPCMultistepScheduler, {"timestep_spacing": "trailing"}),
+    "euler": (EulerDiscreteScheduler, {"timestep_spacing": "trailing"}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {"timestep_spacing": "trailing"}),
+    "heun": (HeunDiscreteScheduler, {"timestep_spacing": "trailing"}),
+}
+
+
+def make_sampler(name: str, trained_scheduler_config) -> SchedulerMixin:
+    """A sampler built from the noise schedule the model was trained with."""
+    cls, settings = SAMPLER_CLASSES[name]
+    return cls.from_config(trained_scheduler_config, **settings)
+
+
+def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+def initial_noise(generators: list[torch.Generator], shape: tuple[int, int, int]) -> torch.Tensor:
+    """One float32 noise image per generator, drawn on the CPU (so the same on every device)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical linear interpolation from a (t=0) to b (t=1), along the great circle between them.
+
+    Computed in float64; returns a exactly at t=0 and b exactly at t=1, and equal angles for equal steps of t.
+    """
+    a64, b64 = a.double(), b.double()
+    cos_omega = (a64.flatten() @ b64.flatten()) / (a64.norm() * b64.norm())
+    omega = torch.arccos(cos_omega.clamp(-1.0, 1.0))
+    if omega.abs() < 1e-6:  # (anti)parallel inputs: the great circle is undefined, lerp is exact enough
+        return ((1 - t) * a64 + t * b64).to(a.dtype)
+    # slerp(a, b; t) = sin((1-t)w)/sin(w) a + sin(tw)/sin(w) b
+    out = torch.sin((1 - t) * omega) / torch.sin(omega) * a64 + torch.sin(t * omega) / torch.sin(omega) * b64
+    return out.to(a.dtype)
+
+
+def _denoise(unet, sampler: SchedulerMixin, noise: torch.Tensor, generators: list[torch.Generator],
+             num_inference_steps: int, dtype: torch.dtype, step_kwargs: dict) -> torch.Tensor:
+    """Run the sampler from `noise` (float32, CPU) to images in [0, 1] (float32, CPU)."""
+    device = next(unet.parameters()).device
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    sampler.set_timesteps(num_inference_steps)
+    takes_generator = "generator" in inspect.signature(sampler.step).parameters
+    x = noise.to(device) * sampler.init_noise_sigma  # the latents stay float32 for an exact sampler
+    for t in sampler.timesteps:
+        model_input = sampler.scale_model_input(x, t).to(dtype=dtype, memory_format=memory_format)
+        eps = unet(model_input, t, return_dict=False)[0].float()
+        extra = {"generator": generators} if takes_generator else {}
+        x = sampler.step(eps, t, x, **extra, **step_kwargs, return_dict=False)[0]
+    return (x / 2 + 0.5).clamp(0, 1).cpu()
+
+
+@torch.no_grad()
+def sample_images(unet, sampler: SchedulerMixin, noise: torch.Tensor, generators: list[torch.Generator],
+                  num_inference_steps: int, batch_size: int, dtype: torch.dtype = torch.float32,
+                  eta: float = 0.0, desc: str = "sampling", progress: bool = True) -> torch.Tensor:
+    """Denoise each noise image with its own generator, batch_size at a time; images in [0, 1] on the CPU.
+
+    A CUDA out-of-memory error halves the batch and retries, with the generators rewound so the images are
+    unchanged.
+    """
+    step_kwargs = {"eta": eta} if isinstance(sampler, DDIMScheduler) else {}
+    done: list[torch.Tensor] = []
+    with tqdm(total=len(noise), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        start = 0
+        while start < len(noise):
+            stop = min(start + batch_size, len(noise))
+            states = [g.get_state() for g in generators[start:stop]]
+            try:
+                done.append(_denoise(unet, sampler, noise[start:stop], generators[start:stop],
+                                     num_inference_steps, dtype, step_kwargs))
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size //= 2
+                for g, state in zip(generators[start:stop], states):
+                    g.set_state(state)
+                torch.cuda.empty_cache()
+                tqdm.write(f"notice: out of GPU memory; retrying with batch_size {batch_size}")
+                continue
+            bar.update(stop - start)
+            start = stop
+    return torch.cat(done)
+
+
+def generate(unet, sampler: SchedulerMixin, seeds: list[int], num_inference_steps: int, batch_size: int,
+             dtype: torch.dtype = torch.float32, eta: float = 0.0, desc: str = "sampling",
+             progress: bool = True) -> torch.Tensor:
+    """Images addressed by seed: image i is a function of (model, sampler, steps, seeds[i]) alone."""
+    cfg = unet.config
+    generators = seeded_generators(seeds)
+    noise = initial_noise(generators, (cfg.in_channels, cfg.sample_size, cfg.sample_size))
+    return sample_images(unet, sampler, noise, generators, num_inference_steps, batch_size, dtype, eta, desc, progress)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing images: each file appears whole or not at all.
+# ---------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def grid_columns(count: int, columns: Optional[int] = None) -> int:
+    """Images per grid row: the given number, else as square as the count allows."""
+    return columns or math.ceil(math.sqrt(count))
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: Optional[int] = None) -> None:
+    with atomic_write(path) as tmp:
+        save_image(images, tmp, nrow=grid_columns(len(images), columns), padding=2, format="PNG")
+
+
+def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
+    with atomic_write(path) as tmp:
+        save_image(image, tmp, padding=0, format="PNG")
+
+
+def to_uint8_hwc(image: torch.Tensor):
+    """A [C,H,W] image in [0, 1] as an HxWx3 (or HxW) uint8 array."""
+    array = image.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return array[..., 0] if array.shape[-1] == 1 else array
+
+
+def save_gif(frames: torch.Tensor, path: str | os.PathLike, fps: float) -> None:
+    """An endlessly looping GIF of [N,C,H,W] frames in [0, 1]."""
+    with atomic_write(path) as tmp:
+        iio.imwrite(tmp, [to_uint8_hwc(f) for f in frames], extension=".gif", duration=1000.0 / fps, loop=0)
+
+
+def image_grid(images: torch.Tensor, columns: Optional[int] = None) -> torch.Tensor:
+    """The grid as one [C,H,W] tensor (for TensorBoard)."""
+    return make_grid(images, nrow=grid_columns(len(images), columns), padding=2)

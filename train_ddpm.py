@@ -1,0 +1,648 @@
+"""Train a DDPM (diffusers UNet2DModel + DDPMScheduler) on CIFAR-10, MNIST or a folder of images.
+
+    python train_ddpm.py                                   # README defaults (config.py)
+    python train_ddpm.py --dataset_name mnist --image_size 32 --num_epochs 5
+    accelerate launch train_ddpm.py ...                    # several GPUs or machines
+    python train_ddpm.py --resume_from_checkpoint latest   # continue a stopped run exactly
+
+Every field of config.py is a flag of the same name (--help lists them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+import config as config_module
+from config import Config, DataConfig, ModelConfig, SchedulerConfig, TrainingConfig, UserError
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(epoch|step)-(\d+)$")
+RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png")
+EXIT_USER_ERROR, EXIT_NONFINITE = 2, 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------
+
+SECTIONS = (TrainingConfig, DataConfig, ModelConfig, SchedulerConfig)
+EXTRA_FLAGS = (("--dry_run", dict(action="store_true", help="print the resolved config as JSON and stop")),)
+
+
+def parse_config(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
+    """The resolved config. When resuming, the checkpoint's config is the base that flags override."""
+    defaults = config_module.flat_fields(config_module.training_config, config_module.data_config,
+                                         config_module.model_config, config_module.scheduler_config)
+    prog, doc = "train_ddpm.py", __doc__
+    values, options = config_module.parse_cli(argv, prog, doc, defaults, SECTIONS, config_module.PRESETS, EXTRA_FLAGS)
+    cfg = config_module.build(Config, values)
+    if cfg.training.resume_from_checkpoint:
+        saved = read_json(find_checkpoint(cfg.training.output_dir, cfg.training.resume_from_checkpoint) / "config.json")
+        base = {**defaults, **{k: v for section in SECTIONS for k, v in saved.get(_section_key(section), {}).items()
+                               if k in defaults}}
+        base = {k: tuple(v) if isinstance(v, list) else v for k, v in base.items()}
+        values, options = config_module.parse_cli(argv, prog, doc, base, SECTIONS, config_module.PRESETS, EXTRA_FLAGS)
+        cfg = config_module.build(Config, values)
+    validate(cfg)
+    return cfg, getattr(options, "dry_run", False)
+
+
+def _section_key(section: type) -> str:
+    return next(f.name for f in dataclasses.fields(Config) if f.default_factory is section)
+
+
+def validate(cfg: Config) -> None:
+    """Catch the user's mistakes before any work is done."""
+    t, m = cfg.training, cfg.model
+    positive = dict(image_size=t.image_size, train_batch_size=t.train_batch_size, num_epochs=t.num_epochs,
+                    gradient_accumulation_steps=t.gradient_accumulation_steps, logging_steps=t.logging_steps,
+                    save_image_epochs=t.save_image_epochs, save_model_epochs=t.save_model_epochs,
+                    num_preview_images=t.num_preview_images, sample_num_inference_steps=t.sample_num_inference_steps,
+                    layers_per_block=m.layers_per_block, num_train_timesteps=cfg.scheduler.num_train_timesteps,
+                    max_nonfinite_steps=t.max_nonfinite_steps, max_train_steps=t.max_train_steps or 1,
+                    checkpointing_steps=t.checkpointing_steps or 1,
+                    checkpoints_total_limit=t.checkpoints_total_limit or 1)
+    for name, value in positive.items():
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    if not t.learning_rate > 0:
+        raise UserError(f"--learning_rate must be positive, got {t.learning_rate}")
+    if not 0 < t.ema_max_decay < 1:
+        raise UserError(f"--ema_max_decay must be between 0 and 1, got {t.ema_max_decay}")
+    if t.sample_num_inference_steps > cfg.scheduler.num_train_timesteps:
+        raise UserError(f"--sample_num_inference_steps {t.sample_num_inference_steps} exceeds the "
+                        f"{cfg.scheduler.num_train_timesteps} training timesteps; lower it")
+    levels = len(m.block_out_channels)
+    if not len(m.down_block_types) == len(m.up_block_types) == levels:
+        raise UserError(f"block_out_channels, down_block_types and up_block_types must have the same length, got "
+                        f"{levels}, {len(m.down_block_types)} and {len(m.up_block_types)}; give one of each per level")
+    if t.image_size % 2 ** (levels - 1):
+        raise UserError(f"--image_size {t.image_size} cannot be halved {levels - 1} times by a UNet of {levels} levels; "
+                        f"use a multiple of {2 ** (levels - 1)} or fewer --block_out_channels")
+    bad_groups = [c for c in m.block_out_channels if c % m.norm_num_groups]
+    if bad_groups:
+        raise UserError(f"--norm_num_groups {m.norm_num_groups} does not divide block_out_channels {bad_groups}; "
+                        f"use channels that are multiples of it or a smaller --norm_num_groups")
+    if t.freeze_down_blocks and not t.pretrained_model_path:
+        raise UserError("--freeze_down_blocks needs --pretrained_model_path (freezing untrained weights is pointless)")
+    if t.dataset_name == "custom" and not cfg.data.dataset_path:
+        raise UserError("--dataset_name custom needs a folder of images: pass --dataset_path DIR")
+    if t.resume_from_checkpoint and t.pretrained_model_path:
+        raise UserError("--resume_from_checkpoint and --pretrained_model_path exclude each other; pick one")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path} ({e}); is it a folder written by train_ddpm.py?") from None
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import diffusers
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "diffusers": diffusers.__version__,
+            "accelerate": accelerate.__version__, "python": sys.version.split()[0]}
+
+
+def config_record(cfg: Config, **facts) -> dict:
+    """What config.json holds: the resolved config, then provenance (keys with _ are ignored by --config)."""
+    return {**dataclasses.asdict(cfg), "_provenance": {"versions": library_versions(), "argv": sys.argv, **facts}}
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model and noise schedule
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_unet(cfg: Config, channels: int):
+    from diffusers import UNet2DModel
+
+    m = cfg.model
+    try:
+        return UNet2DModel(sample_size=cfg.training.image_size, in_channels=channels, out_channels=channels,
+                           layers_per_block=m.layers_per_block, block_out_channels=m.block_out_channels,
+                           down_block_types=m.down_block_types, up_block_types=m.up_block_types,
+                           attention_head_dim=m.attention_head_dim, norm_num_groups=m.norm_num_groups,
+                           dropout=m.dropout)
+    except ValueError as e:  # diffusers names the unknown block type
+        raise UserError(f"{e}; use block types such as DownBlock2D, AttnDownBlock2D / UpBlock2D, AttnUpBlock2D") from None
+
+
+def build_noise_scheduler(cfg: Config):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**dataclasses.asdict(cfg.scheduler))
+
+
+def load_pretrained(cfg: Config, channels: int):
+    """The UNet of a final_model/ (pipeline) or checkpoint folder, checked against the data."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    path = Path(cfg.training.pretrained_model_path).expanduser()
+    if (path / "unet" / "config.json").exists():
+        unet = UNet2DModel.from_pretrained(path / "unet")
+    elif (path / "model.safetensors").exists() and (path / "config.json").exists():
+        saved = read_json(path / "config.json")
+        saved_cfg = config_module.build(Config, {**config_module.flat_fields(
+            *(cls(**saved[_section_key(cls)]) for cls in SECTIONS))})
+        unet = build_unet(saved_cfg, saved["_provenance"]["channels"])
+        unet.load_state_dict(load_file(path / "model.safetensors"))
+    else:
+        raise UserError(f"--pretrained_model_path {path} is neither a final_model/ folder nor a checkpoint folder")
+    if unet.config.sample_size != cfg.training.image_size or unet.config.in_channels != channels:
+        raise UserError(f"the pretrained model makes {unet.config.in_channels}-channel {unet.config.sample_size}px "
+                        f"images but the data is {channels}-channel {cfg.training.image_size}px; set --image_size "
+                        f"{unet.config.sample_size} or pick a matching model")
+    for name in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+                 "attention_head_dim", "norm_num_groups", "dropout"):
+        value = unet.config[name]
+        setattr(cfg.model, name, tuple(value) if isinstance(value, list) else value)
+    return unet
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: one lister, atomic writes, rotation
+# ---------------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in output_dir, oldest first (by optimizer step)."""
+    root = Path(output_dir)
+    found = [p for p in root.glob("checkpoint-*") if CHECKPOINT_NAME.match(p.name) and (p / "progress.json").exists()]
+    return sorted(found, key=lambda p: (read_json(p / "progress.json")["global_step"], p.stat().st_mtime))
+
+
+def find_checkpoint(output_dir: str, which: str) -> Path:
+    if which == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise UserError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; train without it first")
+        return checkpoints[-1]
+    path = Path(which).expanduser()
+    path = path if path.is_absolute() or path.exists() else Path(output_dir) / which
+    if not (path / "progress.json").exists():
+        raise UserError(f"--resume_from_checkpoint {which}: not a complete checkpoint folder; "
+                        f"pass one of {[p.name for p in list_checkpoints(output_dir)]} or 'latest'")
+    return path
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run is. Saved as progress.json in every checkpoint."""
+
+    global_step: int = 0  # optimizer steps done
+    epoch: int = 0  # the current epoch, 0-based
+    batches_in_epoch: int = 0  # micro-batches of the current epoch done (per process)
+    nonfinite_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient
+
+
+def save_checkpoint(accelerator, output_dir: Path, name: str, progress: Progress, record: dict,
+                    total_limit: Optional[int]) -> Path:
+    """Write the whole training state to output_dir/name, atomically: a crash leaves no half-written checkpoint."""
+    final, tmp = output_dir / name, output_dir / f"{name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        write_json(tmp / "config.json", record)
+        write_json(tmp / "progress.json", dataclasses.asdict(progress))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-total_limit] if total_limit else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------
+# EMA, signals, one training step
+# ---------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def ema_weights(ema, model) -> Iterator[None]:
+    """Swap the EMA weights into `model` for the block; the training weights come back untouched."""
+    if ema is None:
+        yield
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(model.parameters())
+
+
+class StopSignal:
+    """SIGTERM or Ctrl-C asks the loop to finish its step and checkpoint; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+              f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+
+def step_seed(seed: int, epoch: int, batch: int, process: int) -> int:
+    """Each micro-step's randomness (noise, timesteps, flips, dropout) is a pure function of where it is,
+    so a resumed run draws exactly what the uninterrupted run would have drawn."""
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + batch) * 1_009 + process & (2**63 - 1)
+
+
+def train_step(batch, model, optimizer, noise_scheduler, accelerator, cfg: Config, fused: bool):
+    """One micro-step: the diffusion loss, backward, and (every accumulation) a clipped optimizer step.
+
+    Returns the loss and, on optimizer steps, whether the step was finite; nothing here waits for the GPU.
+    """
+    from dataset import to_model_input
+
+    clean = to_model_input(batch, cfg.data.random_flip)
+    if clean.is_cuda:
+        clean = clean.contiguous(memory_format=torch.channels_last)
+    noise = torch.randn_like(clean)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)  # \sqrt{\bar\alpha_t} x_0 + \sqrt{1-\bar\alpha_t} eps
+    target = noise if cfg.scheduler.prediction_type == "epsilon" else noise_scheduler.get_velocity(clean, noise, timesteps)
+    finite = None
+    with accelerator.accumulate(model):
+        prediction = model(noisy, timesteps, return_dict=False)[0]
+        loss = F.mse_loss(prediction.float(), target.float())
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            max_norm = cfg.training.max_grad_norm or float("inf")
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            finite = torch.isfinite(grad_norm)
+            if accelerator.scaler is None and fused:
+                optimizer.optimizer.found_inf = (~finite).float()  # fused AdamW skips the step on the device
+        if accelerator.scaler is not None or fused or finite is None or bool(finite):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), finite
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """Create output_dir; refuse to mix a new run into an old one unless asked to overwrite."""
+    out = Path(cfg.training.output_dir).expanduser()
+    held = [p.name for p in out.glob("*") if p.name in RUN_OUTPUTS or CHECKPOINT_NAME.match(p.name)
+            or p.name.startswith("samples_epoch_")] if out.is_dir() else []
+    if held and not cfg.training.resume_from_checkpoint:
+        if not cfg.training.overwrite_output_dir:
+            raise UserError(f"output_dir {out} already holds a run ({', '.join(sorted(held)[:3])}...); continue it with "
+                            f"--resume_from_checkpoint latest, start over with --overwrite_output_dir, or pick another "
+                            f"--output_dir")
+        for name in held:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output_dir {out} is not writable ({e.strerror}); pass a writable --output_dir") from None
+    return out
+
+
+class GraphView(torch.nn.Module):
+    """The UNet with plain tensor outputs, as TensorBoard's graph tracer needs."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep):
+        return self.unet(sample, timestep, return_dict=False)[0]
+
+
+def log_graph(writer, unet, channels: int, size: int) -> None:
+    sample = torch.zeros(1, channels, size, size, device=unet.device)
+    timestep = torch.zeros(1, dtype=torch.long, device=unet.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            writer.add_graph(GraphView(unet).eval(), (sample, timestep))
+        except Exception as e:  # the graph is a nicety; never let it stop training
+            print(f"notice: the model graph was not logged ({e.__class__.__name__})")
+    unet.train()
+
+
+def draw_previews(accelerator, model, ema, cfg: Config, noise_scheduler, path: Path, writer, tag: str, step: int):
+    """Sample the preview grid with the EMA weights (main process; the others wait)."""
+    from sampling import generate, image_grid, make_sampler, save_grid
+
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(model)
+        sampler = make_sampler(cfg.training.sample_scheduler, noise_scheduler.config)
+        seeds = list(range(cfg.training.num_preview_images))
+        with ema_weights(ema, unet), accelerator.autocast():
+            unet.eval()
+            images = generate(unet, sampler, seeds, cfg.training.sample_num_inference_steps,
+                              batch_size=cfg.training.num_preview_images, desc=f"preview {path.name}")
+            unet.train()
+        save_grid(images, path)
+        writer.add_image(tag, image_grid(images), step)
+    accelerator.wait_for_everyone()
+
+
+def save_final_model(accelerator, model, ema, noise_scheduler, out: Path, record: dict) -> None:
+    """final_model/: a DDPMPipeline with the EMA weights (DDPMPipeline.from_pretrained loads it)."""
+    from diffusers import DDPMPipeline
+
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(model)
+        tmp, final = out / "final_model.partial", out / "final_model"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with ema_weights(ema, unet):
+            DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(tmp)
+        write_json(tmp / "config.json", record)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+
+
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, Optional[str]]:
+    """The precision accelerate runs with, and a notice when it differs from what was asked."""
+    if device.type == "cuda":
+        if requested == "auto":
+            return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
+        return requested, None
+    if requested in ("auto", "no") or requested == "bf16":
+        return ("no" if requested == "auto" else requested), None
+    return "no", f"notice: mixed_precision {requested} needs a GPU; training in fp32 on {device.type}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config) -> int:
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from dataset import load_dataset, make_dataloader
+    from sampling import save_grid
+
+    t = cfg.training
+    # --- 1. Processes, precision, seed, output folder ------------------------------------------------
+    device = PartialState().device
+    precision, notice = resolve_precision(t.mixed_precision, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    out = Path(t.output_dir).expanduser()
+    accelerator = Accelerator(
+        mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps, log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        step_scheduler_with_optimizer=False, dynamo_backend="inductor" if t.compile else "no")
+    main = accelerator.is_main_process
+    if notice and main:
+        print(notice)
+    resume_from = find_checkpoint(t.output_dir, t.resume_from_checkpoint) if t.resume_from_checkpoint else None
+    if t.seed is None:
+        t.seed = broadcast_object_list([secrets.randbits(31)])[0]
+    if main:
+        prepare_output_dir(cfg)
+    accelerator.wait_for_everyone()
+
+    # --- 2. Data -------------------------------------------------------------------------------------
+    with accelerator.main_process_first():
+        dataset = load_dataset(cfg, progress=main)
+    channels = dataset[0].shape[0]
+    loader, order = make_dataloader(dataset, t.train_batch_size, accelerator.num_processes, t.seed,
+                                    cfg.data.dataloader_num_workers, pin_memory=device.type == "cuda")
+
+    # --- 3. Model, EMA, optimizer, LR schedule -------------------------------------------------------
+    model = load_pretrained(cfg, channels) if t.pretrained_model_path else build_unet(cfg, channels)
+    if t.freeze_down_blocks:
+        model.conv_in.requires_grad_(False)
+        model.down_blocks.requires_grad_(False)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    noise_scheduler = build_noise_scheduler(cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                      weight_decay=t.adam_weight_decay, eps=t.adam_epsilon, fused=True)
+        fused = True
+    except RuntimeError:  # no fused kernel for this device: a NaN check then costs a sync per step
+        optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                      weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+        fused = False
+    steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
+    total_steps = t.max_train_steps or t.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    # Stepped once per optimizer step (never prepared), so it counts optimizer steps whatever the
+    # accumulation or process count.
+    lr_schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                num_training_steps=total_steps)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    ema = None
+    if t.use_ema:
+        ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=t.ema_max_decay, use_ema_warmup=True,
+                       inv_gamma=t.ema_inv_gamma, power=t.ema_power, foreach=True)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    accelerator.register_for_checkpointing(lr_schedule)
+    record = config_record(cfg, seed=t.seed, channels=channels, num_processes=accelerator.num_processes,
+                           mixed_precision=precision, device=str(device), dataset_images=len(dataset))
+
+    # --- 4. Resume, logging --------------------------------------------------------------------------
+    progress = Progress()
+    if resume_from:
+        accelerator.load_state(str(resume_from))
+        if ema is not None:
+            ema.to(accelerator.device)  # load_state puts the EMA weights on the CPU
+        progress = Progress(**read_json(resume_from / "progress.json"))
+        if main:
+            print(f"resumed from {resume_from} at step {progress.global_step} (epoch {progress.epoch + 1}, "
+                  f"batch {progress.batches_in_epoch})")
+    writer = None
+    if main:
+        write_json(out / "config.json", record)
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                   for section in dataclasses.asdict(cfg).values() for k, v in section.items()}
+        accelerator.init_trackers("ddpm", config=hparams)
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_text("config", "```\n" + json.dumps(record, indent=2, default=str) + "\n```", progress.global_step)
+        if not resume_from:
+            first = torch.stack([dataset[i] for i in range(min(len(dataset), t.num_preview_images))])
+            save_grid(first.float() / 255, out / "sample_training_data.png")
+            writer.add_images("training_data", first.float() / 255, 0)
+            log_graph(writer, accelerator.unwrap_model(model), channels, t.image_size)
+        print(f"training on {len(dataset)} images, {accelerator.num_processes} process(es) on {device.type}, "
+              f"{precision}: {total_steps} optimizer steps of {t.train_batch_size} x {accelerator.num_processes} x "
+              f"{t.gradient_accumulation_steps} images; outputs in {out}")
+
+    # --- 5. The loop ---------------------------------------------------------------------------------
+    signals = StopSignal()
+    window = LogWindow(accelerator)
+    bar = tqdm(total=total_steps, initial=progress.global_step, desc="training", unit="step", disable=not main)
+    stop_reason: Optional[str] = None
+    while progress.global_step < total_steps and not stop_reason:
+        order.set_epoch(progress.epoch)
+        skip = progress.batches_in_epoch  # after a resume: batches of this epoch already trained on, not loaded
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            torch.manual_seed(step_seed(t.seed, progress.epoch, progress.batches_in_epoch, accelerator.process_index))
+            loss, finite = train_step(batch, model, optimizer, noise_scheduler, accelerator, cfg, fused)
+            progress.batches_in_epoch += 1
+            window.add(loss, finite)
+            if finite is None:  # a micro-step inside gradient accumulation
+                continue
+            progress.global_step += 1
+            lr_schedule.step()
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(model).parameters())
+            bar.update(1)
+            signalled = bool(signals.signum) and accelerator.num_processes == 1  # several: agreed at log steps
+            if progress.global_step % t.logging_steps == 0 or progress.global_step == total_steps:
+                stats = window.read(signals.signum, t.train_batch_size)  # the loop's only host sync
+                progress.nonfinite_steps += stats["skipped"]
+                accelerator.log({"train/loss": stats["loss"], "train/lr": lr_schedule.get_last_lr()[0],
+                                 "train/img_per_s": stats["img_per_s"],
+                                 "train/nonfinite_steps": progress.nonfinite_steps}, step=progress.global_step)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}",
+                                img_s=f"{stats['img_per_s']:.0f}")
+                signalled = stats["signal"]
+                if stats["in_a_row"] >= t.max_nonfinite_steps:
+                    stop_reason = "nonfinite"
+                elif signalled:
+                    stop_reason = "signal"
+            elif signalled:
+                stop_reason = "signal"
+            periodic = bool(t.checkpointing_steps) and progress.global_step % t.checkpointing_steps == 0
+            if periodic or stop_reason:
+                saved = save_checkpoint(accelerator, out, f"checkpoint-step-{progress.global_step}", progress,
+                                        record, t.checkpoints_total_limit)
+            if stop_reason:
+                signals.signum = signals.signum or signal.SIGTERM
+                report_stop(stop_reason, signals.signum, saved, progress, t, main)
+                break
+            if progress.global_step >= total_steps:
+                break
+        if not stop_reason and progress.batches_in_epoch == len(loader):  # the epoch ran to its end
+            progress.epoch += 1
+            progress.batches_in_epoch = 0
+            epoch = progress.epoch  # 1-based in file names, as in the README
+            if epoch % t.save_image_epochs == 0:
+                draw_previews(accelerator, model, ema, cfg, noise_scheduler, out / f"samples_epoch_{epoch}.png",
+                              writer, "samples", progress.global_step)
+            if epoch % t.save_model_epochs == 0:
+                save_checkpoint(accelerator, out, f"checkpoint-epoch-{epoch}", progress, record,
+                                t.checkpoints_total_limit)
+    bar.close()
+
+    # --- 6. Final model and samples ------------------------------------------------------------------
+    if not stop_reason:
+        save_final_model(accelerator, model, ema, noise_scheduler, out, record)
+        draw_previews(accelerator, model, ema, cfg, noise_scheduler, out / "final_samples.png", writer,
+                      "final_samples", progress.global_step)
+        if main:
+            print(f"done: {progress.global_step} steps; the model is in {out / 'final_model'}")
+    accelerator.end_training()
+    if stop_reason == "nonfinite":
+        return EXIT_NONFINITE
+    return 128 + signals.signum if stop_reason == "signal" else 0
+
+
+class LogWindow:
+    """Loss and NaN/inf counts since the last log, kept on the device so steps never wait for the GPU."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        device = accelerator.device
+        self.loss_sum = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), device=device)
+        self.in_a_row = torch.zeros((), device=device)
+        self.batches, self.started = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, finite: Optional[torch.Tensor]) -> None:
+        self.loss_sum += loss
+        self.batches += 1
+        if finite is not None:
+            self.skipped += ~finite
+            self.in_a_row = (self.in_a_row + 1) * ~finite
+
+    def read(self, signum: Optional[int], batch_size: int) -> dict:
+        """Average over processes and reset the window (a collective: every process calls it together)."""
+        n = self.accelerator.num_processes
+        signalled = torch.tensor(float(bool(signum)), device=self.loss_sum.device)
+        values = torch.stack([self.loss_sum / self.batches, self.skipped, self.in_a_row, signalled])
+        loss, skipped, in_a_row, signal_share = self.accelerator.reduce(values, "mean").tolist()
+        seconds = time.perf_counter() - self.started
+        stats = {"loss": loss, "skipped": round(skipped), "in_a_row": round(in_a_row), "signal": signal_share > 0,
+                 "img_per_s": self.batches * batch_size * n / seconds}
+        self.loss_sum.zero_(), self.skipped.zero_()
+        self.batches, self.started = 0, time.perf_counter()
+        return stats
+
+
+def report_stop(reason: str, signum: Optional[int], path: Path, progress: Progress, t: TrainingConfig,
+                main: bool) -> None:
+    if not main:
+        return
+    if reason == "nonfinite":
+        print(f"error: {t.max_nonfinite_steps} optimizer steps in a row had a NaN/inf loss or gradient, so training "
+              f"stopped at step {progress.global_step}; the last good weights are in {path}. Try a lower "
+              f"--learning_rate, --mixed_precision bf16 (or no), or a smaller --max_grad_norm.", file=sys.stderr)
+    else:
+        print(f"stopped by {signal.Signals(signum).name} at step {progress.global_step}; saved {path}. Continue "
+              f"with: python train_ddpm.py --output_dir {t.output_dir} --resume_from_checkpoint latest",
+              file=sys.stderr)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        cfg, dry_run = parse_config(argv)
+        if dry_run:
+            print(json.dumps(dataclasses.asdict(cfg), indent=2))
+            return 0
+        return train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
