@@ -1,0 +1,177 @@
+"""Generate images, or a seed-to-seed interpolation, from a trained model.
+
+    python inference.py --model_path ./results/final_model --num_images 16 --output_dir ./inference_results
+    python inference.py --model_path ./results/final_model --scheduler dpmsolver++ --num_inference_steps 20
+    python inference.py --model_path ./results/final_model --interpolate --interp_steps 10 --output_dir ./interp
+
+Image i is drawn from seed + i: the same image whatever --batch_size or device. Every run writes
+manifest.json listing each file with its seed, sampler, steps and model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+import config as config_module
+from config import InferenceConfig, UserError
+
+EXIT_USER_ERROR = 2
+
+
+def parse_config(argv: Optional[list[str]] = None) -> InferenceConfig:
+    values, _ = config_module.parse_cli(argv, "inference.py", __doc__,
+                                        config_module.flat_fields(InferenceConfig()), (InferenceConfig,))
+    cfg = config_module.build(InferenceConfig, values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: InferenceConfig) -> None:
+    if not cfg.model_path:
+        raise UserError("--model_path is required: pass the final_model/ folder that train_ddpm.py wrote")
+    minimum = dict(num_images=(cfg.num_images, 1), interp_steps=(cfg.interp_steps, 2),
+                   num_inference_steps=(cfg.num_inference_steps, 1), batch_size=(cfg.batch_size, 1),
+                   grid_size=(cfg.grid_size or 1, 1))
+    for name, (value, least) in minimum.items():
+        if value < least:
+            raise UserError(f"--{name} must be at least {least}, got {value}")
+    if not cfg.fps > 0:
+        raise UserError(f"--fps must be positive, got {cfg.fps}")
+    if not 0 <= cfg.eta <= 1:
+        raise UserError(f"--eta must be between 0 and 1, got {cfg.eta}")
+
+
+def load_model(model_path: str, dtype):
+    """The UNet (in dtype) and trained noise-schedule config of a DDPMPipeline folder (or a Hub id such
+    as google/ddpm-cifar10-32)."""
+    from diffusers import DDPMPipeline
+
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.exists() or json.loads(index.read_text()).get("_class_name") != "DDPMPipeline":
+            raise UserError(f"--model_path {model_path} is not a diffusers DDPMPipeline folder (no DDPMPipeline "
+                            f"model_index.json); pass the final_model/ folder that train_ddpm.py writes")
+    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", model_path):
+        raise UserError(f"--model_path {model_path} does not exist; pass the final_model/ folder that "
+                        f"train_ddpm.py writes")
+    try:
+        pipeline = DDPMPipeline.from_pretrained(model_path, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        where = "the Hugging Face Hub (no network?)" if not path.is_dir() else "that folder"
+        raise UserError(f"cannot load --model_path {model_path} from {where}: {e.__class__.__name__}; pass the "
+                        f"final_model/ folder that train_ddpm.py writes") from None
+    return pipeline.unet, pipeline.scheduler.config
+
+
+def choose_device_and_dtype(requested: str):
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "auto":
+        return device, torch.float16 if device.type == "cuda" else torch.float32
+    if requested in ("fp16", "bf16") and device.type != "cuda":
+        print(f"notice: --dtype {requested} needs a GPU; sampling in fp32 on the CPU")
+        return device, torch.float32
+    return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[requested]
+
+
+def prepare_output_dir(output_dir: str) -> Path:
+    out = Path(output_dir).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise UserError(f"output_dir {out} is not writable ({e.strerror}); pass a writable --output_dir") from None
+    return out
+
+
+def write_manifest(out: Path, cfg: InferenceConfig, sampler_name: str, files: list[dict], extra: dict) -> None:
+    from sampling import atomic_write
+
+    manifest = {"model_path": str(cfg.model_path), "scheduler": sampler_name,
+                "num_inference_steps": cfg.num_inference_steps, "eta": cfg.eta, **extra, "files": files}
+    with atomic_write(out / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2))
+
+
+def generate_images(cfg: InferenceConfig, unet, trained_schedule, dtype, out: Path) -> None:
+    from sampling import generate, make_sampler, save_grid, save_png
+
+    seeds = [cfg.seed + i for i in range(cfg.num_images)]
+    sampler = make_sampler(cfg.scheduler, trained_schedule)
+    images = generate(unet, sampler, seeds, cfg.num_inference_steps, cfg.batch_size, dtype, cfg.eta,
+                      desc=f"generating ({cfg.scheduler}, {cfg.num_inference_steps} steps)")
+    files = []
+    for seed, image in zip(seeds, images):
+        name = f"seed{seed:06d}.png"
+        save_png(image, out / name)
+        files.append({"file": name, "seed": seed})
+    save_grid(images, out / "grid.png", cfg.grid_size)
+    write_manifest(out, cfg, cfg.scheduler, files, {"grid": "grid.png"})
+    print(f"wrote {len(images)} images, grid.png and manifest.json to {out}")
+
+
+def interpolate(cfg: InferenceConfig, unet, trained_schedule, dtype, out: Path) -> None:
+    """Frames along the slerp between the initial noise of start_seed and end_seed, denoised with the same
+    (by default deterministic) sampler, so neighbouring frames stay close."""
+    import torch
+
+    from sampling import initial_noise, make_sampler, sample_images, save_gif, save_grid, save_png, \
+        seeded_generators, slerp
+
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    start, end = initial_noise(seeded_generators([cfg.start_seed, cfg.end_seed]), shape)
+    fractions = [k / (cfg.interp_steps - 1) for k in range(cfg.interp_steps)]
+    noise = torch.stack([slerp(start, end, f) for f in fractions])
+    # Stochastic samplers (ddpm, euler_a, ddim with eta > 0) share start_seed's step noise across frames.
+    generators = seeded_generators([cfg.start_seed] * cfg.interp_steps)
+    sampler = make_sampler(cfg.interp_scheduler, trained_schedule)
+    frames = sample_images(unet, sampler, noise, generators, cfg.num_inference_steps, cfg.batch_size, dtype,
+                           cfg.eta, desc=f"interpolating ({cfg.interp_scheduler}, {cfg.num_inference_steps} steps)")
+    files = []
+    for k, (fraction, frame) in enumerate(zip(fractions, frames)):
+        name = f"frame_{k:03d}.png"
+        save_png(frame, out / name)
+        files.append({"file": name, "t": fraction, "start_seed": cfg.start_seed, "end_seed": cfg.end_seed})
+    save_grid(frames, out / "interpolation_strip.png", columns=len(frames))
+    save_gif(frames, out / "interpolation.gif", cfg.fps)
+    write_manifest(out, cfg, cfg.interp_scheduler, files,
+                   {"strip": "interpolation_strip.png", "gif": "interpolation.gif", "fps": cfg.fps})
+    print(f"wrote {len(frames)} frames, interpolation_strip.png and interpolation.gif to {out}")
+
+
+def run(cfg: InferenceConfig) -> None:
+    import torch
+
+    device, dtype = choose_device_and_dtype(cfg.dtype)
+    unet, trained_schedule = load_model(cfg.model_path, dtype)
+    if cfg.num_inference_steps > trained_schedule.num_train_timesteps:
+        raise UserError(f"--num_inference_steps {cfg.num_inference_steps} exceeds the model's "
+                        f"{trained_schedule.num_train_timesteps} training timesteps; lower it")
+    out = prepare_output_dir(cfg.output_dir)
+    unet = unet.to(device).eval()
+    if device.type == "cuda":
+        unet = unet.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        unet = torch.compile(unet) if device.type == "cuda" else unet
+    (interpolate if cfg.interpolate else generate_images)(cfg, unet, trained_schedule, dtype, out)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        run(parse_config(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Shared test fixtures: data the tests make themselves, tiny models, and the real CLIs run as subprocesses."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# A UNet of about 0.2M parameters at 16x16: a training step takes milliseconds on a CPU.
+TINY_MODEL = ["--image_size", "16", "--block_out_channels", "16", "32", "--norm_num_groups", "8",
+              "--layers_per_block", "1", "--down_block_types", "DownBlock2D", "AttnDownBlock2D",
+              "--up_block_types", "AttnUpBlock2D", "UpBlock2D", "--attention_head_dim", "8"]
+# Fast previews and frequent logging for short runs.
+TINY_RUN = TINY_MODEL + ["--train_batch_size", "4", "--sample_num_inference_steps", "4", "--num_preview_images", "4",
+                         "--logging_steps", "1", "--dataloader_num_workers", "0", "--seed", "7"]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of every CLI run in the tests: offline, no GPU, quiet."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", TQDM_DISABLE="1",
+               OMP_NUM_THREADS="1", http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
+               HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    return env
+
+
+def run_cli(script: str, *args: str, timeout: float = 300, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts as a user would, and return what it printed."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=cli_env(), cwd=popen.pop("cwd", ROOT), **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                             f"--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def make_image_folder(root: Path, count: int = 12, size: tuple[int, int] = (24, 20)) -> Path:
+    """A folder (with a sub-folder) of RGB PNG and JPEG images of varied sizes."""
+    rng = np.random.default_rng(0)
+    (root / "sub").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        w, h = size[0] + i % 5, size[1] + (i * 3) % 7
+        pixels = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        folder = root / "sub" if i % 3 == 0 else root
+        Image.fromarray(pixels).save(folder / (f"img{i:02d}.png" if i % 2 else f"img{i:02d}.jpg"), quality=95)
+    return root
+
+
+def make_mixed_mode_folder(root: Path) -> Path:
+    """One image in each awkward mode and format a user's folder may hold."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    rgb = (rng.random((30, 40, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(root / "rgb.png")
+    Image.fromarray(rgb).convert("L").save(root / "grey.png")
+    Image.fromarray(rgb).convert("LA").save(root / "grey_alpha.png")
+    Image.fromarray(rgb).convert("P").save(root / "palette.gif".replace(".gif", ".png"))
+    Image.fromarray(rgb).convert("RGBA").save(root / "rgba.png")
+    Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray((rng.random((30, 40)) * 65535).astype(np.uint16)).save(root / "sixteen_bit.png")
+    Image.fromarray(rgb).save(root / "bitmap.bmp")
+    Image.fromarray(rgb).save(root / "web.webp")
+    Image.fromarray(rgb).save(root / "scan.tiff")
+    Image.fromarray(rgb[:6, :5]).save(root / "tiny.png")  # smaller than image_size
+    return root
+
+
+def write_mnist(data_dir: Path, count: int = 32) -> Path:
+    """MNIST in its real IDX format where torchvision looks for it, so the real loader runs offline."""
+    raw = data_dir / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    images = (rng.random((count, 28, 28)) * 255).astype(np.uint8)
+    labels = rng.integers(0, 10, count).astype(np.uint8)
+    for split, n in (("train", count), ("t10k", count // 4)):
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images[:n].tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels[:n].tobytes())
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    return write_mnist(tmp_path_factory.mktemp("mnist_data"))
