@@ -1,0 +1,116 @@
+"""End to end: train_ddpm.py on a tiny UNet writes everything the README lists; inference.py uses it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import TINY_RUN, run_cli
+
+EPOCHS, STEPS_PER_EPOCH = 2, 3  # 12 images in batches of 4
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, image_folder) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("run") / "results"
+    proc = run_cli("train_ddpm.py", *TINY_RUN, "--dataset_name", "custom", "--dataset_path", image_folder,
+                   "--data_dir", out.parent / "data", "--output_dir", out, "--num_epochs", EPOCHS,
+                   "--save_image_epochs", 1, "--save_model_epochs", 2)
+    return out, proc
+
+
+def test_training_writes_every_output_the_readme_lists(trained_run):
+    out, proc = trained_run
+    for name in ("logs", "sample_training_data.png", "samples_epoch_1.png", "samples_epoch_2.png",
+                 "checkpoint-epoch-2", "final_model", "final_samples.png", "config.json"):
+        assert (out / name).exists(), name
+    assert not (out / "checkpoint-epoch-1").exists()  # save_model_epochs 2
+    assert not list(out.rglob("*.partial")), "no temporary files may be left behind"
+    grid = Image.open(out / "final_samples.png")
+    assert grid.size == (2 + 2 * (16 + 2), 2 + 2 * (16 + 2))  # 4 previews in a 2x2 grid of 16px images
+    assert "done: 6 steps" in proc.stdout
+
+
+def test_final_model_is_a_diffusers_pipeline_with_the_resolved_config(trained_run):
+    from diffusers import DDPMPipeline
+
+    out, _ = trained_run
+    pipeline = DDPMPipeline.from_pretrained(out / "final_model")
+    assert pipeline.unet.config.sample_size == 16
+    assert list(pipeline.unet.config.block_out_channels) == [16, 32]
+    assert pipeline.scheduler.config.num_train_timesteps == 1000
+    record = json.loads((out / "final_model" / "config.json").read_text())
+    assert record["training"]["seed"] == 7
+    assert record["training"]["dataset_name"] == "custom"
+    assert record["_provenance"]["versions"]["diffusers"]
+    assert json.loads((out / "config.json").read_text()) == record
+
+
+def test_tensorboard_log_holds_loss_lr_and_images(trained_run):
+    out, _ = trained_run
+    (event_dir,) = {p.parent for p in (out / "logs").rglob("events.out.tfevents.*")
+                    if EventAccumulator(str(p)).Reload().Tags()["scalars"]}
+    events = EventAccumulator(str(event_dir), size_guidance={"scalars": 0, "images": 0}).Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    assert all(0 < e.value < 10 for e in losses)
+    assert len(events.Scalars("train/lr")) == len(losses)
+    assert set(events.Tags()["images"]) >= {"samples", "final_samples", "training_data"}
+    assert len(events.Images("samples")) == EPOCHS
+    assert events.Tags()["graph"], "the model graph is logged"
+
+
+def test_inference_generates_images_addressed_by_seed(trained_run, tmp_path):
+    out, _ = trained_run
+    dest = tmp_path / "gen"
+    run_cli("inference.py", "--model_path", out / "final_model", "--num_images", 5, "--num_inference_steps", 5,
+            "--seed", 42, "--grid_size", 3, "--batch_size", 2, "--output_dir", dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert [f["seed"] for f in manifest["files"]] == [42, 43, 44, 45, 46]
+    assert manifest["scheduler"] == "ddpm" and manifest["num_inference_steps"] == 5
+    for entry in manifest["files"]:
+        assert Image.open(dest / entry["file"]).size == (16, 16)
+    assert Image.open(dest / "grid.png").size == (2 + 3 * 18, 2 + 2 * 18)  # 3 per row, 2 rows
+
+
+def test_inference_interpolation_writes_frames_strip_and_gif(trained_run, tmp_path):
+    out, _ = trained_run
+    dest = tmp_path / "interp"
+    run_cli("inference.py", "--model_path", out / "final_model", "--interpolate", "--interp_steps", 6,
+            "--num_inference_steps", 5, "--start_seed", 0, "--end_seed", 1000, "--output_dir", dest)
+    frames = sorted(dest.glob("frame_*.png"))
+    assert len(frames) == 6
+    gif = iio.imread(dest / "interpolation.gif", index=None)
+    assert gif.shape[0] == 6
+    assert iio.immeta(dest / "interpolation.gif")["loop"] == 0
+    assert Image.open(dest / "interpolation_strip.png").size == (2 + 6 * 18, 18 + 2)
+
+
+def test_mnist_through_the_real_torchvision_loader(mnist_dir, tmp_path):
+    from diffusers import UNet2DModel
+
+    out = tmp_path / "mnist"
+    proc = run_cli("train_ddpm.py", *TINY_RUN, "--dataset_name", "mnist", "--data_dir", mnist_dir, "--output_dir", out,
+            "--max_train_steps", 2, "--no_use_ema", "--mixed_precision", "fp16")
+    assert "notice: mixed_precision fp16 needs a GPU; training in fp32" in proc.stdout
+    unet = UNet2DModel.from_pretrained(out / "final_model" / "unet")
+    assert unet.config.in_channels == unet.config.out_channels == 1  # follows the data
+    assert Image.open(out / "sample_training_data.png").mode in ("L", "RGB")
+    cache = list((mnist_dir / "cache").glob("mnist-16px-*.npy"))
+    assert len(cache) == 1
+
+
+def test_dry_run_prints_the_resolved_config_and_does_nothing(image_folder, tmp_path):
+    proc = run_cli("train_ddpm.py", "--dataset_name", "custom", "--dataset_path", image_folder,
+                   "--output_dir", tmp_path / "out", "--model_preset", "ddpm-cifar10", "--learning_rate", "3e-4",
+                   "--dry_run")
+    resolved = json.loads(proc.stdout)
+    assert resolved["model"]["block_out_channels"] == [128, 256, 256, 256]  # from the preset
+    assert resolved["training"]["learning_rate"] == 3e-4  # a flag beats the preset
+    assert not (tmp_path / "out").exists()
