@@ -93,9 +93,11 @@ def to_model_input(batch: torch.Tensor, random_flip: bool) -> torch.Tensor:
 
 class Source:
     def __init__(self, name: str, count: int, channels: int, fingerprint: str,
-                 read: Callable[[int, int], Optional[np.ndarray]], label: str):
+                 read: Callable[[int, int], Optional[np.ndarray]], label: str,
+                 describe: Callable[[int], str] = lambda index: f"#{index}"):
         self.name, self.count, self.channels, self.fingerprint, self.read, self.label = (
             name, count, channels, fingerprint, read, label)
+        self.describe = describe  # image index -> what the user knows it as (its file)
 
 
 def _download_error(name: str, data_dir: str, error: Exception) -> UserError:
@@ -142,7 +144,9 @@ def _folder_source(folder: Optional[str]) -> Source:
     files = find_images(folder)
     listing = "\n".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in files)
     fingerprint = hashlib.sha1(listing.encode()).hexdigest()
-    return Source("custom", len(files), 3, fingerprint, lambda i, size: decode_file(str(files[i]), size), str(folder))
+    root = Path(folder).expanduser()
+    return Source("custom", len(files), 3, fingerprint, lambda i, size: decode_file(str(files[i]), size), str(folder),
+                  describe=lambda i: str(files[i].relative_to(root)))
 
 
 def open_source(cfg: Config) -> Source:
@@ -254,9 +258,11 @@ def load_dataset(cfg: Config, progress: bool = True) -> ImageCache:
         with open(meta_path.with_suffix(".json.partial"), "w") as f:
             json.dump(meta, f)
         os.replace(meta_path.with_suffix(".json.partial"), meta_path)
-    if meta["skipped"]:
-        print(f"warning: skipped {len(meta['skipped'])} of {source.count} images in {source.label} that could "
-              f"not be read (truncated or not images)")
+    if meta["skipped"] and progress:
+        skipped = meta["skipped"]
+        names = ", ".join(source.describe(i) for i in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        print(f"warning: skipped {len(skipped)} of {source.count} images in {source.label} that could not be read "
+              f"(truncated or not images): {names}")
     if meta["count"] == 0:
         raise UserError(f"none of the {source.count} images in {source.label} could be read; check the files")
     nbytes = meta["count"] * source.channels * size * size
@@ -278,7 +284,9 @@ class EpochShuffle(Sampler[int]):
         self.count, self.seed, self.epoch = count, seed, 0
         self.length = count // multiple_of * multiple_of
 
-    def set_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:
+        # Not named set_epoch: accelerate calls set_epoch(times iterated) on every new iterator, which after a
+        # resume (or on skip_first_batches' fresh loader) is not the training epoch.
         self.epoch = epoch
 
     def __len__(self) -> int:

@@ -416,7 +416,7 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, Option
 
 def train(cfg: Config) -> int:
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -454,6 +454,7 @@ def train(cfg: Config) -> int:
                                     cfg.data.dataloader_num_workers, pin_memory=device.type == "cuda")
 
     # --- 3. Model, EMA, optimizer, LR schedule -------------------------------------------------------
+    set_seed(t.seed)  # the initial weights
     model = load_pretrained(cfg, channels) if t.pretrained_model_path else build_unet(cfg, channels)
     if t.freeze_down_blocks:
         model.conv_in.requires_grad_(False)
@@ -521,7 +522,7 @@ def train(cfg: Config) -> int:
     bar = tqdm(total=total_steps, initial=progress.global_step, desc="training", unit="step", disable=not main)
     stop_reason: Optional[str] = None
     while progress.global_step < total_steps and not stop_reason:
-        order.set_epoch(progress.epoch)
+        order.start_epoch(progress.epoch)
         skip = progress.batches_in_epoch  # after a resume: batches of this epoch already trained on, not loaded
         for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
             torch.manual_seed(step_seed(t.seed, progress.epoch, progress.batches_in_epoch, accelerator.process_index))
