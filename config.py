@@ -128,7 +128,7 @@ class InferenceConfig:
     num_images: int = 16  # images to generate
     num_inference_steps: int = 1000  # denoising steps (more: better and slower)
     seed: int = 0  # image i is drawn from seed + i, whatever the batch size
-    grid_size: Optional[int] = None  # images per grid row (default: as square as the count allows)
+    grid_size: Optional[int] = None  # images per grid row; None: as square as the count allows
     batch_size: int = 16  # images per forward pass (halved automatically on out-of-memory)
     output_dir: str = "./inference_results"  # where PNGs, the grid and manifest.json go
     scheduler: Sampler = "ddpm"  # sampler
@@ -247,7 +247,8 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _build_parser(prog: str, description: str, table: dict[str, Flag], defaults: dict[str, object]):
-    parser = _OneLineParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    parser = _OneLineParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+                            usage=f"%(prog)s [--FIELD VALUE ...]", formatter_class=argparse.RawDescriptionHelpFormatter)
     groups: dict[type, argparse._ArgumentGroup] = {}
     for flag in table.values():
         if flag.section not in groups:
@@ -261,18 +262,25 @@ def _build_parser(prog: str, description: str, table: dict[str, Flag], defaults:
             continue
         element = typing.get_args(flag.type)[0] if typing.get_origin(flag.type) is tuple else flag.type
         kwargs: dict[str, object] = {"nargs": "+"} if typing.get_origin(flag.type) is tuple else {}
+        metavar = flag.name.upper()
         if typing.get_origin(element) is Literal:
             kwargs["choices"] = list(typing.get_args(element)) + (["none"] if flag.optional else [])
+            metavar = "{" + ",".join(kwargs["choices"]) + "}"
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         parse = functools.partial(_parse_text, flag)
         parse.__name__ = getattr(element, "__name__", "value")  # argparse names the type in its errors
-        group.add_argument(f"--{flag.name}", dest=flag.name, type=parse, metavar=flag.name.upper(),
+        group.add_argument(f"--{flag.name}", dest=flag.name, type=parse, metavar=metavar,
                            help=f"{flag.help} (default: {shown})", **kwargs)
     return parser
 
 
-def _load_config_file(path: str, table: dict[str, Flag]) -> dict[str, object]:
-    """Read a --config file: flat {"field": value}, or sectioned as the config.json that training writes."""
+# What one invocation asks for rather than how to train: not read back from a config.json that training wrote.
+PER_RUN_FIELDS = ("resume_from_checkpoint", "overwrite_output_dir")
+
+
+def read_config_file(path: str | Path, sections: tuple[type, ...]) -> dict[str, object]:
+    """Field values from a JSON file: flat {"field": value}, or sectioned as the config.json training writes."""
+    table = flags_of(*sections)
     try:
         raw = json.loads(Path(path).read_text())
     except OSError as e:
@@ -281,6 +289,7 @@ def _load_config_file(path: str, table: dict[str, Flag]) -> dict[str, object]:
         raise UserError(f"--config {path} is not valid JSON ({e}); fix the file or leave --config out") from None
     if not isinstance(raw, dict):
         raise UserError(f"--config {path} must hold a JSON object of config fields")
+    written_by_training = "_provenance" in raw
     flat: dict[str, object] = {}
     for key, value in raw.items():
         if key.startswith("_"):  # provenance that train_ddpm.py writes beside the config
@@ -290,7 +299,8 @@ def _load_config_file(path: str, table: dict[str, Flag]) -> dict[str, object]:
         if key not in table:
             near = difflib.get_close_matches(key, list(table), n=1)
             raise UserError(f"--config {path}: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
-    return {key: _check_value(table[key], value, f"--config {path}") for key, value in flat.items()}
+    return {key: _check_value(table[key], value, f"--config {path}") for key, value in flat.items()
+            if not (written_by_training and key in PER_RUN_FIELDS)}
 
 
 def parse_cli(argv: Optional[list[str]], prog: str, description: str, defaults: dict[str, object],
@@ -315,7 +325,7 @@ def parse_cli(argv: Optional[list[str]], prog: str, description: str, defaults: 
         parser.error(f"unknown argument {unknown[0]}" + (f"; did you mean {near[0]}?" if near else ""))
     values = dict(defaults)
     if getattr(namespace, "config", None):
-        values.update(_load_config_file(namespace.config, table))
+        values.update(read_config_file(namespace.config, sections))
     if getattr(namespace, "model_preset", None):
         values.update(presets[namespace.model_preset])
     values.update({k: tuple(v) if isinstance(v, list) else v for k, v in vars(namespace).items() if k in table})

@@ -44,26 +44,25 @@ SECTIONS = (TrainingConfig, DataConfig, ModelConfig, SchedulerConfig)
 EXTRA_FLAGS = (("--dry_run", dict(action="store_true", help="print the resolved config as JSON and stop")),)
 
 
+def default_values() -> dict[str, object]:
+    """The defaults as config.py sets them (its module-level instances, which users may edit)."""
+    return config_module.flat_fields(config_module.training_config, config_module.data_config,
+                                     config_module.model_config, config_module.scheduler_config)
+
+
 def parse_config(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
     """The resolved config. When resuming, the checkpoint's config is the base that flags override."""
-    defaults = config_module.flat_fields(config_module.training_config, config_module.data_config,
-                                         config_module.model_config, config_module.scheduler_config)
+    defaults = default_values()
     prog, doc = "train_ddpm.py", __doc__
     values, options = config_module.parse_cli(argv, prog, doc, defaults, SECTIONS, config_module.PRESETS, EXTRA_FLAGS)
     cfg = config_module.build(Config, values)
     if cfg.training.resume_from_checkpoint:
-        saved = read_json(find_checkpoint(cfg.training.output_dir, cfg.training.resume_from_checkpoint) / "config.json")
-        base = {**defaults, **{k: v for section in SECTIONS for k, v in saved.get(_section_key(section), {}).items()
-                               if k in defaults}}
-        base = {k: tuple(v) if isinstance(v, list) else v for k, v in base.items()}
+        checkpoint = find_checkpoint(cfg.training.output_dir, cfg.training.resume_from_checkpoint)
+        base = {**defaults, **config_module.read_config_file(checkpoint / "config.json", SECTIONS)}
         values, options = config_module.parse_cli(argv, prog, doc, base, SECTIONS, config_module.PRESETS, EXTRA_FLAGS)
         cfg = config_module.build(Config, values)
     validate(cfg)
     return cfg, getattr(options, "dry_run", False)
-
-
-def _section_key(section: type) -> str:
-    return next(f.name for f in dataclasses.fields(Config) if f.default_factory is section)
 
 
 def validate(cfg: Config) -> None:
@@ -87,6 +86,14 @@ def validate(cfg: Config) -> None:
     if t.sample_num_inference_steps > cfg.scheduler.num_train_timesteps:
         raise UserError(f"--sample_num_inference_steps {t.sample_num_inference_steps} exceeds the "
                         f"{cfg.scheduler.num_train_timesteps} training timesteps; lower it")
+    if t.freeze_down_blocks and not t.pretrained_model_path:
+        raise UserError("--freeze_down_blocks needs --pretrained_model_path (freezing untrained weights is pointless)")
+    if t.dataset_name == "custom" and not cfg.data.dataset_path:
+        raise UserError("--dataset_name custom needs a folder of images: pass --dataset_path DIR")
+    if t.resume_from_checkpoint and t.pretrained_model_path:
+        raise UserError("--resume_from_checkpoint and --pretrained_model_path exclude each other; pick one")
+    if t.pretrained_model_path:  # the architecture comes from the pretrained model, checked when it loads
+        return
     levels = len(m.block_out_channels)
     if not len(m.down_block_types) == len(m.up_block_types) == levels:
         raise UserError(f"block_out_channels, down_block_types and up_block_types must have the same length, got "
@@ -98,12 +105,6 @@ def validate(cfg: Config) -> None:
     if bad_groups:
         raise UserError(f"--norm_num_groups {m.norm_num_groups} does not divide block_out_channels {bad_groups}; "
                         f"use channels that are multiples of it or a smaller --norm_num_groups")
-    if t.freeze_down_blocks and not t.pretrained_model_path:
-        raise UserError("--freeze_down_blocks needs --pretrained_model_path (freezing untrained weights is pointless)")
-    if t.dataset_name == "custom" and not cfg.data.dataset_path:
-        raise UserError("--dataset_name custom needs a folder of images: pass --dataset_path DIR")
-    if t.resume_from_checkpoint and t.pretrained_model_path:
-        raise UserError("--resume_from_checkpoint and --pretrained_model_path exclude each other; pick one")
 
 
 def read_json(path: Path) -> dict:
@@ -167,10 +168,9 @@ def load_pretrained(cfg: Config, channels: int):
     if (path / "unet" / "config.json").exists():
         unet = UNet2DModel.from_pretrained(path / "unet")
     elif (path / "model.safetensors").exists() and (path / "config.json").exists():
-        saved = read_json(path / "config.json")
-        saved_cfg = config_module.build(Config, {**config_module.flat_fields(
-            *(cls(**saved[_section_key(cls)]) for cls in SECTIONS))})
-        unet = build_unet(saved_cfg, saved["_provenance"]["channels"])
+        saved = config_module.build(Config, {**default_values(),
+                                             **config_module.read_config_file(path / "config.json", SECTIONS)})
+        unet = build_unet(saved, read_json(path / "config.json")["_provenance"]["channels"])
         unet.load_state_dict(load_file(path / "model.safetensors"))
     else:
         raise UserError(f"--pretrained_model_path {path} is neither a final_model/ folder nor a checkpoint folder")
@@ -426,14 +426,16 @@ def train(cfg: Config) -> int:
 
     t = cfg.training
     # --- 1. Processes, precision, seed, output folder ------------------------------------------------
-    device = PartialState().device
+    # Without a GPU, accelerate must be told it is on CPUs, or torchrun's processes each run alone.
+    on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    device = PartialState(cpu=on_cpu).device
     precision, notice = resolve_precision(t.mixed_precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     out = Path(t.output_dir).expanduser()
     accelerator = Accelerator(
-        mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps, log_with="tensorboard",
+        cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps, log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         step_scheduler_with_optimizer=False, dynamo_backend="inductor" if t.compile else "no")
     main = accelerator.is_main_process

@@ -1,0 +1,80 @@
+"""Two real processes on the CPU (gloo): sharded data, outputs written once, previews, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.data_loader import prepare_data_loader
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT, TINY_RUN, cli_env
+from dataset import ImageCache, make_dataloader
+
+
+def launch(launcher: list[str], *args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", *launcher, str(ROOT / "train_ddpm.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600, env=cli_env(), cwd=ROOT)
+    assert proc.returncode == 0, f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def loss_steps(event_file: Path) -> list[int]:
+    events = EventAccumulator(str(event_file)).Reload()
+    return [e.step for e in events.Scalars("train/loss")] if "train/loss" in events.Tags()["scalars"] else []
+
+
+TORCHRUN = ["torch.distributed.run", "--nproc_per_node", "2"]
+ACCELERATE = ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def test_two_processes_train_write_once_and_resume(image_folder, tmp_path):
+    out = tmp_path / "run"
+    # 12 images, 2 per process: a global batch of 4, so 3 optimizer steps an epoch.
+    args = [*TINY_RUN, "--train_batch_size", 2, "--dataset_name", "custom", "--dataset_path", image_folder,
+            "--data_dir", tmp_path / "data", "--output_dir", out, "--save_image_epochs", 1, "--save_model_epochs", 1]
+    first = launch(TORCHRUN, *args, "--max_train_steps", 4)
+    assert first.stdout.count("training on 12 images, 2 process(es)") == 1
+    assert first.stdout.count("done: 4 steps") == 1
+    record = json.loads((out / "config.json").read_text())
+    assert record["_provenance"]["num_processes"] == 2
+    assert (out / "samples_epoch_1.png").exists() and (out / "checkpoint-epoch-1").exists()
+    checkpoint = out / "checkpoint-epoch-1"
+    assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl",
+                                                                            "random_states_1.pkl"]
+    assert json.loads((checkpoint / "progress.json").read_text())["global_step"] == 3
+
+    resumed = launch(ACCELERATE, "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps", 6)
+    assert resumed.stdout.count("resumed from") == 1 and "at step 3" in resumed.stdout
+    assert resumed.stdout.count("done: 6 steps") == 1
+    assert (out / "checkpoint-epoch-2").exists() and (out / "final_model" / "model_index.json").exists()
+    event_files = list((out / "logs").rglob("events.out.tfevents.*"))
+    steps = sorted(step for f in event_files for step in loss_steps(f))
+    assert steps == [1, 2, 3, 4, 4, 5, 6]  # written by one process only (step 4: the first run, then the resume)
+
+
+def test_each_image_is_seen_once_per_epoch_across_processes(tmp_path):
+    count, batch, processes = 10, 2, 2
+    labels = np.arange(count, dtype=np.uint8).reshape(count, 1, 1, 1).repeat(2, axis=2).repeat(2, axis=3)
+    np.save(tmp_path / "images.npy", labels)
+    dataset = ImageCache(tmp_path / "images.npy", count, in_memory=True)
+    orders = []
+    for epoch in range(2):
+        seen = []
+        for rank in range(processes):
+            loader, order = make_dataloader(dataset, batch, processes, seed=3, workers=0, pin_memory=False)
+            order.start_epoch(epoch)
+            shard = prepare_data_loader(loader, num_processes=processes, process_index=rank, put_on_device=False)
+            batches = [b[:, 0, 0, 0].tolist() for b in shard]
+            assert all(len(b) == batch for b in batches)  # every batch full
+            seen += [i for b in batches for i in b]
+        # The global batch is 4: 8 of the 10 images this epoch, none twice.
+        assert len(seen) == len(set(seen)) == count // (batch * processes) * batch * processes
+        orders.append(seen)
+    assert orders[0] != orders[1], "a new order every epoch"
+    assert torch.equal(dataset.__getitems__([3, 1])[:, 0, 0, 0], torch.tensor([3, 1], dtype=torch.uint8))
