@@ -225,7 +225,7 @@ class ImageCache(Dataset):
         return self.count
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(self.images[index]))
+        return torch.from_numpy(np.array(self.images[index]))
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
         if self.in_memory:

@@ -96,3 +96,16 @@ def image_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("mnist_data"))
+
+
+EPOCHS, STEPS_PER_EPOCH = 2, 3  # of trained_run: 12 images in batches of 4
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, image_folder) -> tuple[Path, subprocess.CompletedProcess]:
+    """One tiny training run shared by the tests that inspect its outputs or sample from it."""
+    out = tmp_path_factory.mktemp("run") / "results"
+    proc = run_cli("train_ddpm.py", *TINY_RUN, "--dataset_name", "custom", "--dataset_path", image_folder,
+                   "--data_dir", out.parent / "data", "--output_dir", out, "--num_epochs", EPOCHS,
+                   "--save_image_epochs", 1, "--save_model_epochs", 2)
+    return out, proc

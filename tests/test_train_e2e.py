@@ -6,23 +6,13 @@ import json
 from pathlib import Path
 
 import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY_RUN, run_cli
-
-EPOCHS, STEPS_PER_EPOCH = 2, 3  # 12 images in batches of 4
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, image_folder) -> tuple[Path, object]:
-    out = tmp_path_factory.mktemp("run") / "results"
-    proc = run_cli("train_ddpm.py", *TINY_RUN, "--dataset_name", "custom", "--dataset_path", image_folder,
-                   "--data_dir", out.parent / "data", "--output_dir", out, "--num_epochs", EPOCHS,
-                   "--save_image_epochs", 1, "--save_model_epochs", 2)
-    return out, proc
+from conftest import EPOCHS, STEPS_PER_EPOCH, TINY_RUN, run_cli
 
 
 def test_training_writes_every_output_the_readme_lists(trained_run):
@@ -90,6 +80,11 @@ def test_inference_interpolation_writes_frames_strip_and_gif(trained_run, tmp_pa
     assert gif.shape[0] == 6
     assert iio.immeta(dest / "interpolation.gif")["loop"] == 0
     assert Image.open(dest / "interpolation_strip.png").size == (2 + 6 * 18, 18 + 2)
+    # Smooth: the deterministic sampler maps nearby noise to nearby images.
+    pixels = [np.asarray(Image.open(f), dtype=np.float64) for f in frames]
+    neighbours = [np.abs(a - b).mean() for a, b in zip(pixels, pixels[1:])]
+    assert np.mean(neighbours) < 0.5 * np.abs(pixels[0] - pixels[-1]).mean()
+    assert min(neighbours) > 0, "no frame is a copy of its neighbour"
 
 
 def test_mnist_through_the_real_torchvision_loader(mnist_dir, tmp_path):

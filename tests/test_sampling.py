@@ -1,0 +1,95 @@
+"""Sampling: slerp, images addressed by seed, samplers built from the trained schedule, image writing."""
+
+from __future__ import annotations
+
+import math
+
+import imageio.v3 as iio
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+import sampling
+
+
+@pytest.fixture(scope="module")
+def unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8).eval()
+
+
+TRAINED = DDPMScheduler(num_train_timesteps=1000).config
+
+
+def test_slerp_reproduces_unit_endpoints_exactly_and_steps_at_constant_angle():
+    torch.manual_seed(1)
+    a, b = torch.randn(3, 8, 8), torch.randn(3, 8, 8)
+    a, b = a / a.norm(), b / b.norm()
+    frames = [sampling.slerp(a, b, k / 9) for k in range(10)]
+    assert torch.equal(frames[0], a) and torch.equal(frames[-1], b)
+    assert all(math.isclose(f.norm().item(), 1.0, rel_tol=1e-5) for f in frames)
+    angles = [torch.arccos((x.flatten() @ y.flatten()).clamp(-1, 1)).item() for x, y in zip(frames, frames[1:])]
+    total = torch.arccos((a.flatten() @ b.flatten()).clamp(-1, 1)).item()
+    assert all(math.isclose(angle, total / 9, rel_tol=1e-3) for angle in angles)
+
+
+def test_slerp_of_gaussian_noise_keeps_its_scale():
+    torch.manual_seed(2)
+    a, b = torch.randn(3, 32, 32), torch.randn(3, 32, 32)
+    middle = sampling.slerp(a, b, 0.5)
+    lerp = (a + b) / 2
+    assert abs(middle.std().item() - 1) < 0.05  # lerp would shrink it to about 0.71
+    assert lerp.std().item() < 0.8
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmsolver++", "euler_a", "heun"])
+def test_an_image_depends_on_its_seed_not_on_the_batch(unet, name):
+    sampler = sampling.make_sampler(name, TRAINED)
+    seeds = [10, 11, 12, 13, 14, 15]
+    runs = [sampling.generate(unet, sampler, seeds, 6, batch_size=size, eta=0.7, progress=False)
+            for size in (1, 4, 64)]
+    for other in runs[1:]:
+        torch.testing.assert_close(runs[0], other, atol=1e-4, rtol=0)
+    alone = sampling.generate(unet, sampler, [13], 6, batch_size=1, eta=0.7, progress=False)
+    torch.testing.assert_close(alone[0], runs[0][3], atol=1e-4, rtol=0)
+    assert not torch.allclose(runs[0][0], runs[0][1]), "different seeds give different images"
+
+
+def test_samplers_are_built_from_the_trained_schedule():
+    trained = DDPMScheduler(num_train_timesteps=500, beta_end=0.03).config
+    for name in sampling.SAMPLER_CLASSES:
+        sampler = sampling.make_sampler(name, trained)
+        assert sampler.config.num_train_timesteps == 500 and sampler.config.beta_end == 0.03
+    assert sampling.make_sampler("dpmsolver++", trained).config.algorithm_type == "dpmsolver++"
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_images(unet, monkeypatch, capsys):
+    sampler = sampling.make_sampler("ddpm", TRAINED)
+    expected = sampling.generate(unet, sampler, list(range(5)), 4, batch_size=1, progress=False)
+    real = sampling._denoise
+
+    def small_memory(unet, sampler, noise, *args):
+        if len(noise) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(unet, sampler, noise, *args)
+
+    monkeypatch.setattr(sampling, "_denoise", small_memory)
+    images = sampling.generate(unet, sampler, list(range(5)), 4, batch_size=8, progress=False)
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+    assert "retrying with batch_size 2" in capsys.readouterr().out
+
+
+def test_image_writers_are_atomic_and_the_gif_loops(tmp_path):
+    frames = torch.rand(5, 3, 8, 8)
+    sampling.save_gif(frames, tmp_path / "a.gif", fps=4)
+    assert iio.imread(tmp_path / "a.gif", index=None).shape[0] == 5
+    meta = iio.immeta(tmp_path / "a.gif")
+    assert meta["loop"] == 0 and meta["duration"] == 250
+    with pytest.raises(RuntimeError):
+        with sampling.atomic_write(tmp_path / "b.png") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash while writing")
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.gif"], "a failed write leaves nothing behind"
+    assert sampling.grid_columns(10) == 4 and sampling.grid_columns(16) == 4 and sampling.grid_columns(5, 5) == 5
