@@ -155,10 +155,11 @@ def test_overwrite_output_dir_starts_afresh(image_folder, tmp_path):
     assert json.loads((out / "config.json").read_text())["training"]["max_train_steps"] == 2
 
 
-def test_seed_is_drawn_and_recorded_when_not_given(image_folder, tmp_path):
+def test_seed_is_drawn_and_recorded_and_old_checkpoints_rotate(image_folder, tmp_path):
     out = tmp_path / "run"
-    args = [a for a in train_args(image_folder, out, "--max_train_steps", 1, "--seed", "none")]
-    run_cli("train_ddpm.py", *args)
+    run_cli("train_ddpm.py", *train_args(image_folder, out, "--max_train_steps", 4, "--seed", "none",
+                                         "--checkpointing_steps", 1, "--checkpoints_total_limit", 2))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-step-3", "checkpoint-step-4"]
     seed = json.loads((out / "config.json").read_text())["training"]["seed"]
     assert isinstance(seed, int)
     assert json.loads((out / "final_model" / "config.json").read_text())["training"]["seed"] == seed

@@ -54,6 +54,9 @@ def test_tensorboard_log_holds_loss_lr_and_images(trained_run):
     assert set(events.Tags()["images"]) >= {"samples", "final_samples", "training_data"}
     assert len(events.Images("samples")) == EPOCHS
     assert events.Tags()["graph"], "the model graph is logged"
+    assert "config/text_summary" in events.Tags()["tensors"]  # the resolved config as text
+    hparams = [p for p in (out / "logs").rglob("events.out.tfevents.*") if p.parent != event_dir]
+    assert hparams, "the hyper-parameters are logged (TensorBoard writes them to a run of their own)"
 
 
 def test_inference_generates_images_addressed_by_seed(trained_run, tmp_path):
