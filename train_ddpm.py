@@ -465,14 +465,12 @@ def train(cfg: Config) -> int:
         model = model.to(memory_format=torch.channels_last)
     noise_scheduler = build_noise_scheduler(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    adamw = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
+                 eps=t.adam_epsilon)
     try:
-        optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                      weight_decay=t.adam_weight_decay, eps=t.adam_epsilon, fused=True)
-        fused = True
-    except RuntimeError:  # no fused kernel for this device: a NaN check then costs a sync per step
-        optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                      weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
-        fused = False
+        optimizer, fused = torch.optim.AdamW(trainable, fused=True, **adamw), True
+    except RuntimeError:  # no fused kernel for this device: skipping a NaN step then costs a sync
+        optimizer, fused = torch.optim.AdamW(trainable, **adamw), False
     steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
     total_steps = t.max_train_steps or t.num_epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
