@@ -14,6 +14,7 @@ import dataclasses
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +37,7 @@ def validate(cfg: InferenceConfig) -> None:
         raise UserError("--model_path is required: pass the final_model/ folder that train_ddpm.py wrote")
     minimum = dict(num_images=(cfg.num_images, 1), interp_steps=(cfg.interp_steps, 2),
                    num_inference_steps=(cfg.num_inference_steps, 1), batch_size=(cfg.batch_size, 1),
-                   grid_size=(cfg.grid_size or 1, 1))
+                   grid_size=(1 if cfg.grid_size is None else cfg.grid_size, 1))
     for name, (value, least) in minimum.items():
         if value < least:
             raise UserError(f"--{name} must be at least {least}, got {value}")
@@ -53,18 +54,25 @@ def load_model(model_path: str, dtype):
 
     path = Path(model_path).expanduser()
     if path.is_dir():
-        index = path / "model_index.json"
-        if not index.exists() or json.loads(index.read_text()).get("_class_name") != "DDPMPipeline":
+        try:
+            index = json.loads((path / "model_index.json").read_text())
+        except (OSError, ValueError):  # missing, unreadable or not JSON
+            index = None
+        if not isinstance(index, dict) or index.get("_class_name") != "DDPMPipeline":
             raise UserError(f"--model_path {model_path} is not a diffusers DDPMPipeline folder (no DDPMPipeline "
                             f"model_index.json); pass the final_model/ folder that train_ddpm.py writes")
     elif not re.fullmatch(r"[\w.-]+/[\w.-]+", model_path):
         raise UserError(f"--model_path {model_path} does not exist; pass the final_model/ folder that "
                         f"train_ddpm.py writes")
     try:
-        pipeline = DDPMPipeline.from_pretrained(model_path, torch_dtype=dtype)
+        with warnings.catch_warnings():  # newer diffusers call it dtype, older ones know only torch_dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
+            pipeline = DDPMPipeline.from_pretrained(model_path, torch_dtype=dtype)
     except (OSError, ValueError) as e:
-        where = "the Hugging Face Hub (no network?)" if not path.is_dir() else "that folder"
-        raise UserError(f"cannot load --model_path {model_path} from {where}: {e.__class__.__name__}; pass the "
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        where = ("is not a local folder and could not be loaded from the Hugging Face Hub (no network?)"
+                 if not path.is_dir() else "could not be loaded")
+        raise UserError(f"--model_path {model_path} {where}: {e.__class__.__name__}: {reason}; pass the "
                         f"final_model/ folder that train_ddpm.py writes") from None
     return pipeline.unet, pipeline.scheduler.config
 
