@@ -28,6 +28,10 @@ LRSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc", "euler", "euler_a", "heun"]
 SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
 
+# UNet2DModel blocks that work without text conditioning; Attn* ones add self-attention at their level.
+DownBlock = Literal["DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D"]
+UpBlock = Literal["UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D"]
+
 # The README's UNet: six levels, attention in the fifth down block and the matching up block.
 README_DOWN_BLOCKS = ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D")
 README_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4
@@ -94,8 +98,8 @@ class ModelConfig:
 
     block_out_channels: tuple[int, ...] = (128, 128, 256, 256, 512, 512)  # channels per resolution level
     layers_per_block: int = 2  # ResNet layers in each block
-    down_block_types: tuple[str, ...] = README_DOWN_BLOCKS  # one per level, from the input down
-    up_block_types: tuple[str, ...] = README_UP_BLOCKS  # one per level, from the bottom up
+    down_block_types: tuple[DownBlock, ...] = README_DOWN_BLOCKS  # one per level, from the input down
+    up_block_types: tuple[UpBlock, ...] = README_UP_BLOCKS  # one per level, from the bottom up
     attention_head_dim: Optional[int] = 8  # channels per attention head (None: one head)
     norm_num_groups: int = 32  # GroupNorm groups; must divide every block_out_channels
     dropout: float = 0.0  # dropout in the ResNet blocks
@@ -217,11 +221,14 @@ def _parse_text(flag: Flag, text: str):
 
 def _check_value(flag: Flag, value: object, source: str) -> object:
     """Check a value read from a JSON file or a preset against the field's type."""
-    tp, name = flag.type, flag.name
     if value is None and flag.optional:
         return None
-    if typing.get_origin(tp) is tuple and isinstance(value, (list, tuple)):
-        return tuple(value)
+    if typing.get_origin(flag.type) is tuple:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise UserError(f"{source}: {flag.name} must be a non-empty list, got {value!r}")
+        element = dataclasses.replace(flag, type=typing.get_args(flag.type)[0], optional=False)
+        return tuple(_check_value(element, item, source) for item in value)
+    tp, name = flag.type, flag.name
     if typing.get_origin(tp) is Literal:
         if value in typing.get_args(tp):
             return value

@@ -67,29 +67,39 @@ def parse_config(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
 
 def validate(cfg: Config) -> None:
     """Catch the user's mistakes before any work is done."""
-    t, m = cfg.training, cfg.model
-    positive = dict(image_size=t.image_size, train_batch_size=t.train_batch_size, num_epochs=t.num_epochs,
-                    gradient_accumulation_steps=t.gradient_accumulation_steps, logging_steps=t.logging_steps,
-                    save_image_epochs=t.save_image_epochs, save_model_epochs=t.save_model_epochs,
-                    num_preview_images=t.num_preview_images, sample_num_inference_steps=t.sample_num_inference_steps,
-                    layers_per_block=m.layers_per_block, num_train_timesteps=cfg.scheduler.num_train_timesteps,
-                    max_nonfinite_steps=t.max_nonfinite_steps, max_train_steps=t.max_train_steps or 1,
-                    checkpointing_steps=t.checkpointing_steps or 1,
-                    checkpoints_total_limit=t.checkpoints_total_limit or 1)
-    for name, value in positive.items():
-        if value < 1:
+    t, m, s = cfg.training, cfg.model, cfg.scheduler
+    at_least_one = dict(image_size=t.image_size, train_batch_size=t.train_batch_size, num_epochs=t.num_epochs,
+                        gradient_accumulation_steps=t.gradient_accumulation_steps, logging_steps=t.logging_steps,
+                        save_image_epochs=t.save_image_epochs, save_model_epochs=t.save_model_epochs,
+                        num_preview_images=t.num_preview_images, layers_per_block=m.layers_per_block,
+                        sample_num_inference_steps=t.sample_num_inference_steps, norm_num_groups=m.norm_num_groups,
+                        num_train_timesteps=s.num_train_timesteps, max_nonfinite_steps=t.max_nonfinite_steps,
+                        max_train_steps=t.max_train_steps, checkpointing_steps=t.checkpointing_steps,
+                        checkpoints_total_limit=t.checkpoints_total_limit)
+    for name, value in at_least_one.items():
+        if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
-    if not t.learning_rate > 0:
-        raise UserError(f"--learning_rate must be positive, got {t.learning_rate}")
-    if not 0 < t.ema_max_decay < 1:
-        raise UserError(f"--ema_max_decay must be between 0 and 1, got {t.ema_max_decay}")
-    if t.sample_num_inference_steps > cfg.scheduler.num_train_timesteps:
+    for name, value in dict(learning_rate=t.learning_rate, adam_epsilon=t.adam_epsilon, beta_start=s.beta_start).items():
+        if not value > 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+    in_range = dict(lr_warmup_steps=(t.lr_warmup_steps, 0, None), adam_weight_decay=(t.adam_weight_decay, 0, None),
+                    max_grad_norm=(t.max_grad_norm, 0, None), adam_beta1=(t.adam_beta1, 0, 1),
+                    adam_beta2=(t.adam_beta2, 0, 1), dropout=(m.dropout, 0, 1), ema_max_decay=(t.ema_max_decay, 0, 1),
+                    beta_end=(s.beta_end, s.beta_start, 1))
+    for name, (value, low, high) in in_range.items():  # low <= value < high
+        if not (value >= low and (high is None or value < high)):
+            bounds = f"at least {low}" if high is None else f"in [{low}, {high})"
+            raise UserError(f"--{name} must be {bounds}, got {value}")
+    if t.sample_num_inference_steps > s.num_train_timesteps:
         raise UserError(f"--sample_num_inference_steps {t.sample_num_inference_steps} exceeds the "
-                        f"{cfg.scheduler.num_train_timesteps} training timesteps; lower it")
+                        f"{s.num_train_timesteps} training timesteps; lower it")
     if t.freeze_down_blocks and not t.pretrained_model_path:
         raise UserError("--freeze_down_blocks needs --pretrained_model_path (freezing untrained weights is pointless)")
     if t.dataset_name == "custom" and not cfg.data.dataset_path:
         raise UserError("--dataset_name custom needs a folder of images: pass --dataset_path DIR")
+    if t.dataset_name == "custom" and not Path(cfg.data.dataset_path).expanduser().is_dir():
+        raise UserError(f"dataset_path {cfg.data.dataset_path} is not a folder; pass --dataset_path pointing at "
+                        f"your images")
     if t.resume_from_checkpoint and t.pretrained_model_path:
         raise UserError("--resume_from_checkpoint and --pretrained_model_path exclude each other; pick one")
     if t.pretrained_model_path:  # the architecture comes from the pretrained model, checked when it loads
@@ -318,23 +328,35 @@ def train_step(batch, model, optimizer, noise_scheduler, accelerator, cfg: Confi
 # ---------------------------------------------------------------------------------------------------
 
 
-def prepare_output_dir(cfg: Config) -> Path:
-    """Create output_dir; refuse to mix a new run into an old one unless asked to overwrite."""
+def previous_run_outputs(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.name in RUN_OUTPUTS or CHECKPOINT_NAME.match(p.name)
+                  or p.name.startswith("samples_epoch_"))
+
+
+def check_output_dir(cfg: Config) -> None:
+    """Before any work: never mix a new run into an old one, and never train into a folder that cannot be made."""
     out = Path(cfg.training.output_dir).expanduser()
-    held = [p.name for p in out.glob("*") if p.name in RUN_OUTPUTS or CHECKPOINT_NAME.match(p.name)
-            or p.name.startswith("samples_epoch_")] if out.is_dir() else []
-    if held and not cfg.training.resume_from_checkpoint:
-        if not cfg.training.overwrite_output_dir:
-            raise UserError(f"output_dir {out} already holds a run ({', '.join(sorted(held)[:3])}...); continue it with "
-                            f"--resume_from_checkpoint latest, start over with --overwrite_output_dir, or pick another "
-                            f"--output_dir")
-        for name in held:
-            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    held = previous_run_outputs(out)
+    if held and not cfg.training.resume_from_checkpoint and not cfg.training.overwrite_output_dir:
+        raise UserError(f"output_dir {out} already holds a run ({', '.join(p.name for p in held[:3])}...); continue "
+                        f"it with --resume_from_checkpoint latest, start over with --overwrite_output_dir, or pick "
+                        f"another --output_dir")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"output_dir {out} is not writable ({existing} is not a writable folder); pass a "
+                        f"writable --output_dir")
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """Create output_dir, clearing a previous run's outputs when --overwrite_output_dir asks for it."""
+    out = Path(cfg.training.output_dir).expanduser()
+    if not cfg.training.resume_from_checkpoint:
+        for old in previous_run_outputs(out):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
     except OSError as e:
         raise UserError(f"output_dir {out} is not writable ({e.strerror}); pass a writable --output_dir") from None
     return out
@@ -444,13 +466,13 @@ def train(cfg: Config) -> int:
     resume_from = find_checkpoint(t.output_dir, t.resume_from_checkpoint) if t.resume_from_checkpoint else None
     if t.seed is None:
         t.seed = broadcast_object_list([secrets.randbits(31)])[0]
-    if main:
-        prepare_output_dir(cfg)
-    accelerator.wait_for_everyone()
 
     # --- 2. Data -------------------------------------------------------------------------------------
     with accelerator.main_process_first():
         dataset = load_dataset(cfg, progress=main)
+    if main:
+        prepare_output_dir(cfg)
+    accelerator.wait_for_everyone()
     channels = dataset[0].shape[0]
     loader, order = make_dataloader(dataset, t.train_batch_size, accelerator.num_processes, t.seed,
                                     cfg.data.dataloader_num_workers, pin_memory=device.type == "cuda")
@@ -639,6 +661,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if dry_run:
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
             return 0
+        check_output_dir(cfg)
         return train(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
