@@ -385,12 +385,11 @@ def log_graph(writer, unet, channels: int, size: int) -> None:
     unet.train()
 
 
-def draw_previews(accelerator, model, ema, cfg: Config, noise_scheduler, path: Path, writer, tag: str, step: int):
+def draw_previews(accelerator, unet, ema, cfg: Config, noise_scheduler, path: Path, writer, tag: str, step: int):
     """Sample the preview grid with the EMA weights (main process; the others wait)."""
     from sampling import generate, image_grid, make_sampler, save_grid
 
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(model)
         sampler = make_sampler(cfg.training.sample_scheduler, noise_scheduler.config)
         seeds = list(range(cfg.training.num_preview_images))
         with ema_weights(ema, unet), accelerator.autocast():
@@ -403,12 +402,11 @@ def draw_previews(accelerator, model, ema, cfg: Config, noise_scheduler, path: P
     accelerator.wait_for_everyone()
 
 
-def save_final_model(accelerator, model, ema, noise_scheduler, out: Path, record: dict) -> None:
+def save_final_model(accelerator, unet, ema, noise_scheduler, out: Path, record: dict) -> None:
     """final_model/: a DDPMPipeline with the EMA weights (DDPMPipeline.from_pretrained loads it)."""
     from diffusers import DDPMPipeline
 
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(model)
         tmp, final = out / "final_model.partial", out / "final_model"
         shutil.rmtree(tmp, ignore_errors=True)
         with ema_weights(ema, unet):
@@ -501,9 +499,10 @@ def train(cfg: Config) -> int:
     lr_schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                 num_training_steps=total_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    unet = accelerator.unwrap_model(model, keep_torch_compile=False)  # the plain UNet: EMA, previews, saving
     ema = None
     if t.use_ema:
-        ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=t.ema_max_decay, use_ema_warmup=True,
+        ema = EMAModel(unet.parameters(), decay=t.ema_max_decay, use_ema_warmup=True,
                        inv_gamma=t.ema_inv_gamma, power=t.ema_power, foreach=True)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
@@ -533,7 +532,7 @@ def train(cfg: Config) -> int:
             first = torch.stack([dataset[i] for i in range(min(len(dataset), t.num_preview_images))])
             save_grid(first.float() / 255, out / "sample_training_data.png")
             writer.add_images("training_data", first.float() / 255, 0)
-            log_graph(writer, accelerator.unwrap_model(model), channels, t.image_size)
+            log_graph(writer, unet, channels, t.image_size)
         print(f"training on {len(dataset)} images, {accelerator.num_processes} process(es) on {device.type}, "
               f"{precision}: {total_steps} optimizer steps of {t.train_batch_size} x {accelerator.num_processes} x "
               f"{t.gradient_accumulation_steps} images; outputs in {out}")
@@ -556,7 +555,7 @@ def train(cfg: Config) -> int:
             progress.global_step += 1
             lr_schedule.step()
             if ema is not None:
-                ema.step(accelerator.unwrap_model(model).parameters())
+                ema.step(unet.parameters())
             bar.update(1)
             signalled = bool(signals.signum) and accelerator.num_processes == 1  # several: agreed at log steps
             if progress.global_step % t.logging_steps == 0 or progress.global_step == total_steps:
@@ -589,7 +588,7 @@ def train(cfg: Config) -> int:
             progress.batches_in_epoch = 0
             epoch = progress.epoch  # 1-based in file names, as in the README
             if epoch % t.save_image_epochs == 0:
-                draw_previews(accelerator, model, ema, cfg, noise_scheduler, out / f"samples_epoch_{epoch}.png",
+                draw_previews(accelerator, unet, ema, cfg, noise_scheduler, out / f"samples_epoch_{epoch}.png",
                               writer, "samples", progress.global_step)
             if epoch % t.save_model_epochs == 0:
                 save_checkpoint(accelerator, out, f"checkpoint-epoch-{epoch}", progress, record,
@@ -598,8 +597,8 @@ def train(cfg: Config) -> int:
 
     # --- 6. Final model and samples ------------------------------------------------------------------
     if not stop_reason:
-        save_final_model(accelerator, model, ema, noise_scheduler, out, record)
-        draw_previews(accelerator, model, ema, cfg, noise_scheduler, out / "final_samples.png", writer,
+        save_final_model(accelerator, unet, ema, noise_scheduler, out, record)
+        draw_previews(accelerator, unet, ema, cfg, noise_scheduler, out / "final_samples.png", writer,
                       "final_samples", progress.global_step)
         if main:
             print(f"done: {progress.global_step} steps; the model is in {out / 'final_model'}")
