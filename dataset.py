@@ -225,7 +225,8 @@ class ImageCache(Dataset):
         return self.count
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.images[index]))
+        image = self.images[index]
+        return image if self.in_memory else torch.from_numpy(np.array(image))
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
         if self.in_memory:
