@@ -255,7 +255,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def _build_parser(prog: str, description: str, table: dict[str, Flag], defaults: dict[str, object]):
     parser = _OneLineParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
-                            usage=f"%(prog)s [--FIELD VALUE ...]", formatter_class=argparse.RawDescriptionHelpFormatter)
+                            usage="%(prog)s [--FIELD VALUE ...]", formatter_class=argparse.RawDescriptionHelpFormatter)
     groups: dict[type, argparse._ArgumentGroup] = {}
     for flag in table.values():
         if flag.section not in groups:

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import psutil
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from tqdm.auto import tqdm

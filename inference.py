@@ -10,7 +10,6 @@ manifest.json listing each file with its seed, sampler, steps and model.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import sys

@@ -292,13 +292,73 @@ def step_seed(seed: int, epoch: int, batch: int, process: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1_000_003 + batch) * 1_009 + process & (2**63 - 1)
 
 
-def train_step(batch, model, optimizer, noise_scheduler, accelerator, cfg: Config, fused: bool):
-    """One micro-step: the diffusion loss, backward, and (every accumulation) a clipped optimizer step.
+def seed_micro_step(seed: int, device: torch.device) -> None:
+    """Seed the CPU (and this GPU's) generator; cheaper than torch.manual_seed, which seeds every backend."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
 
-    Returns the loss and, on optimizer steps, whether the step was finite; nothing here waits for the GPU.
-    """
+
+@dataclasses.dataclass
+class TrainingParts:
+    """What one training step works on."""
+
+    model: torch.nn.Module  # as prepared by accelerate (DDP, torch.compile): what the step runs
+    unet: torch.nn.Module  # the plain UNet inside it: EMA, previews and saving use this
+    optimizer: torch.optim.Optimizer  # accelerate's wrapper of AdamW
+    fused: bool  # fused AdamW: a NaN/inf step is skipped on the device, without a sync
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler  # stepped once per optimizer step
+    ema: Optional[object]  # diffusers EMAModel, or None
+    noise_scheduler: object  # the DDPMScheduler that noises the training images
+    ema_params: list = dataclasses.field(default_factory=list)  # unet's parameters, listed once
+
+
+def build_training(cfg: Config, accelerator, channels: int, total_steps: int) -> TrainingParts:
+    """Model (new or pretrained), AdamW, LR schedule and EMA, prepared and registered for checkpoints."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    t = cfg.training
+    set_seed(t.seed)  # the initial weights
+    model = load_pretrained(cfg, channels) if t.pretrained_model_path else build_unet(cfg, channels)
+    if t.freeze_down_blocks:
+        model.conv_in.requires_grad_(False)
+        model.down_blocks.requires_grad_(False)
+    if accelerator.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    adamw = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
+                 eps=t.adam_epsilon)
+    try:
+        optimizer, fused = torch.optim.AdamW(trainable, fused=True, **adamw), True
+    except RuntimeError:  # no fused kernel for this device: skipping a NaN step then costs a sync
+        optimizer, fused = torch.optim.AdamW(trainable, **adamw), False
+    # Never prepared: stepped once per optimizer step by train_step, so it counts optimizer steps whatever
+    # the accumulation or process count.
+    lr_schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unet = accelerator.unwrap_model(model, keep_torch_compile=False)
+    ema = None
+    if t.use_ema:
+        ema = EMAModel(unet.parameters(), decay=t.ema_max_decay, use_ema_warmup=True, inv_gamma=t.ema_inv_gamma,
+                       power=t.ema_power, foreach=True)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    accelerator.register_for_checkpointing(lr_schedule)
+    return TrainingParts(model, unet, optimizer, fused, lr_schedule, ema, build_noise_scheduler(cfg),
+                         list(unet.parameters()))
+
+
+def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int):
+    """One micro-step: the diffusion loss and backward; every accumulation also a clipped AdamW step, the LR
+    schedule and the EMA. Returns the loss and, on optimizer steps, whether the step was finite. Nothing here
+    waits for the GPU."""
     from dataset import to_model_input
 
+    seed_micro_step(seed, accelerator.device)
+    model, optimizer, noise_scheduler = parts.model, parts.optimizer, parts.noise_scheduler
     clean = to_model_input(batch, cfg.data.random_flip)
     if clean.is_cuda:
         clean = clean.contiguous(memory_format=torch.channels_last)
@@ -312,14 +372,17 @@ def train_step(batch, model, optimizer, noise_scheduler, accelerator, cfg: Confi
         loss = F.mse_loss(prediction.float(), target.float())
         accelerator.backward(loss)
         if accelerator.sync_gradients:
-            max_norm = cfg.training.max_grad_norm or float("inf")
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            grad_norm = accelerator.clip_grad_norm_(parts.ema_params, cfg.training.max_grad_norm or float("inf"))
             finite = torch.isfinite(grad_norm)
-            if accelerator.scaler is None and fused:
+            if accelerator.scaler is None and parts.fused:
                 optimizer.optimizer.found_inf = (~finite).float()  # fused AdamW skips the step on the device
-        if accelerator.scaler is not None or fused or finite is None or bool(finite):
+        if accelerator.scaler is not None or parts.fused or finite is None or bool(finite):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if finite is not None:
+        parts.lr_schedule.step()
+        if parts.ema is not None:
+            parts.ema.step(parts.ema_params)
     return loss.detach(), finite
 
 
@@ -436,9 +499,7 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, Option
 
 def train(cfg: Config) -> int:
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list
     from tqdm.auto import tqdm
 
     from dataset import load_dataset, make_dataloader
@@ -476,37 +537,11 @@ def train(cfg: Config) -> int:
                                     cfg.data.dataloader_num_workers, pin_memory=device.type == "cuda")
 
     # --- 3. Model, EMA, optimizer, LR schedule -------------------------------------------------------
-    set_seed(t.seed)  # the initial weights
-    model = load_pretrained(cfg, channels) if t.pretrained_model_path else build_unet(cfg, channels)
-    if t.freeze_down_blocks:
-        model.conv_in.requires_grad_(False)
-        model.down_blocks.requires_grad_(False)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    noise_scheduler = build_noise_scheduler(cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    adamw = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay,
-                 eps=t.adam_epsilon)
-    try:
-        optimizer, fused = torch.optim.AdamW(trainable, fused=True, **adamw), True
-    except RuntimeError:  # no fused kernel for this device: skipping a NaN step then costs a sync
-        optimizer, fused = torch.optim.AdamW(trainable, **adamw), False
+    loader = accelerator.prepare(loader)
     steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
     total_steps = t.max_train_steps or t.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    # Stepped once per optimizer step (never prepared), so it counts optimizer steps whatever the
-    # accumulation or process count.
-    lr_schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
-                                num_training_steps=total_steps)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    unet = accelerator.unwrap_model(model, keep_torch_compile=False)  # the plain UNet: EMA, previews, saving
-    ema = None
-    if t.use_ema:
-        ema = EMAModel(unet.parameters(), decay=t.ema_max_decay, use_ema_warmup=True,
-                       inv_gamma=t.ema_inv_gamma, power=t.ema_power, foreach=True)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    accelerator.register_for_checkpointing(lr_schedule)
+    parts = build_training(cfg, accelerator, channels, total_steps)
+    unet, ema, noise_scheduler = parts.unet, parts.ema, parts.noise_scheduler
     record = config_record(cfg, seed=t.seed, channels=channels, num_processes=accelerator.num_processes,
                            mixed_precision=precision, device=str(device), dataset_images=len(dataset))
 
@@ -546,25 +581,22 @@ def train(cfg: Config) -> int:
         order.start_epoch(progress.epoch)
         skip = progress.batches_in_epoch  # after a resume: batches of this epoch already trained on, not loaded
         for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
-            torch.manual_seed(step_seed(t.seed, progress.epoch, progress.batches_in_epoch, accelerator.process_index))
-            loss, finite = train_step(batch, model, optimizer, noise_scheduler, accelerator, cfg, fused)
+            seed = step_seed(t.seed, progress.epoch, progress.batches_in_epoch, accelerator.process_index)
+            loss, finite = train_step(batch, parts, accelerator, cfg, seed)
             progress.batches_in_epoch += 1
             window.add(loss, finite)
             if finite is None:  # a micro-step inside gradient accumulation
                 continue
             progress.global_step += 1
-            lr_schedule.step()
-            if ema is not None:
-                ema.step(unet.parameters())
             bar.update(1)
             signalled = bool(signals.signum) and accelerator.num_processes == 1  # several: agreed at log steps
             if progress.global_step % t.logging_steps == 0 or progress.global_step == total_steps:
                 stats = window.read(signals.signum, t.train_batch_size)  # the loop's only host sync
                 progress.nonfinite_steps += stats["skipped"]
-                accelerator.log({"train/loss": stats["loss"], "train/lr": lr_schedule.get_last_lr()[0],
+                accelerator.log({"train/loss": stats["loss"], "train/lr": parts.lr_schedule.get_last_lr()[0],
                                  "train/img_per_s": stats["img_per_s"],
                                  "train/nonfinite_steps": progress.nonfinite_steps}, step=progress.global_step)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}",
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{parts.lr_schedule.get_last_lr()[0]:.2e}",
                                 img_s=f"{stats['img_per_s']:.0f}")
                 signalled = stats["signal"]
                 if stats["in_a_row"] >= t.max_nonfinite_steps:

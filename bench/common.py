@@ -1,0 +1,89 @@
+"""Helpers shared by the benchmarks: the model presets, device name, FLOP count, the timed training loop."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+# Flags of train_ddpm.py that select each benchmark model ("tiny" comes from tests/conftest.py).
+MODEL_FLAGS = {"ddpm-cifar10": ["--model_preset", "ddpm-cifar10"], "readme": ["--image_size", "64"]}
+
+
+def model_flags(model: str) -> list[str]:
+    """train_ddpm.py flags for: tiny (the tests' TINY_MODEL, 16x16), ddpm-cifar10 (config.PRESETS, 32x32) or
+    readme (config.py's defaults, 64x64)."""
+    if model == "tiny":
+        from tests.conftest import TINY_MODEL
+        return list(TINY_MODEL)
+    return list(MODEL_FLAGS[model])
+
+
+def model_config(model: str, *extra: str):
+    """The resolved train_ddpm Config of a benchmark model."""
+    import train_ddpm
+    cfg, _ = train_ddpm.parse_config(model_flags(model) + list(extra))
+    return cfg
+
+
+def synchronize(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device) -> str:
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        name = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("model name")), name)
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def flops_per_image(cfg, training: bool) -> float:
+    """FLOPs of one image through the UNet (torch's FlopCounterMode, batch 1 on the CPU): one forward pass, or
+    forward + backward for a training step. Matches PERF.md: 12.1 / 36.3 GFLOP for ddpm-cifar10."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import train_ddpm
+    unet = train_ddpm.build_unet(cfg, 3)
+    size = cfg.training.image_size
+    sample, timestep = torch.randn(1, 3, size, size), torch.tensor([10])
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(training):
+        out = unet(sample, timestep).sample
+        if training:
+            out.sum().backward()
+    return float(counter.get_total_flops())
+
+
+def new_accelerator(cpu: bool, **kwargs):
+    """A fresh Accelerator: accelerate allows one per process (one mixed precision, one dynamo setting) unless
+    its state is reset; an earlier Accelerator keeps working (checked with bf16 autocast on both)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)
+    return Accelerator(cpu=cpu, **kwargs)
+
+
+class Loop:
+    """One training loop's step function, run `steps` at a time between synchronizations; keeps the times."""
+
+    def __init__(self, name, step, device, tf32):
+        self.name, self.step, self.device, self.tf32 = name, step, device, tf32
+        self.i, self.seconds, self.resident, self.peak = 0, [], 0, 0
+
+    def run(self, steps: int) -> None:
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32  # train_ddpm.train turns it on; the example does not
+        synchronize(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step(self.i)
+            self.i += 1
+        synchronize(self.device)
+        self.seconds.append(time.perf_counter() - start)
