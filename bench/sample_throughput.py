@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import device_name, flops_per_image, model_config, synchronize  # noqa: E402
+from common import device_name, flops_per_image, model_config, pick_device, synchronize  # noqa: E402
 
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpmsolver++": 20}
 DEFAULT_BATCH = {"tiny": 8, "ddpm-cifar10": 256, "readme": 64}
@@ -61,11 +61,8 @@ def main(argv=None) -> dict:
     import train_ddpm
     from sampling import generate, make_sampler
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no GPU here")
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if cuda else "cpu")
-    torch.set_num_threads(args.threads or (torch.get_num_threads() if cuda else 1))
+    device = pick_device(args.device, args.threads)
+    cuda = device.type == "cuda"
     dtype_name = args.dtype if args.dtype != "auto" else ("fp16" if cuda else "fp32")
     if dtype_name != "fp32" and not cuda:
         print(f"notice: --dtype {dtype_name} needs a GPU (as in inference.py); sampling in fp32 on the CPU")

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import device_name, model_config, synchronize  # noqa: E402
+from common import device_name, model_config, pick_device, synchronize  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -39,9 +39,7 @@ def main(argv=None) -> dict:
     import train_ddpm
     from dataset import to_model_input
 
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if cuda else "cpu")
-    torch.set_num_threads(args.threads or (torch.get_num_threads() if cuda else 1))
+    device = pick_device(args.device, args.threads)
     cfg = model_config(args.model)
     model = train_ddpm.build_unet(cfg, 3).to(device)
     params = list(model.parameters())

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import Loop, device_name, flops_per_image, model_flags, new_accelerator  # noqa: E402
+from common import Loop, device_name, flops_per_image, model_flags, new_accelerator, pick_device  # noqa: E402
 from full_run import full_run  # noqa: E402
 
 
@@ -133,12 +133,8 @@ def main(argv=None) -> dict:
     import torch
     import train_ddpm
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no GPU here")
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if cuda else "cpu")
-    threads = args.threads or (torch.get_num_threads() if cuda else 1)
-    torch.set_num_threads(threads)
+    device = pick_device(args.device, args.threads)
+    cuda, threads = device.type == "cuda", torch.get_num_threads()
     flags = model_flags(args.model)
     cfg, _ = train_ddpm.parse_config(flags + ["--mixed_precision", args.mixed_precision, "--seed", "0"]
                                      + (["--train_batch_size", str(args.batch_size)] if args.batch_size else [])
