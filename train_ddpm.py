@@ -487,9 +487,9 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, Option
         if requested == "auto":
             return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
         return requested, None
-    if requested in ("auto", "no") or requested == "bf16":
-        return ("no" if requested == "auto" else requested), None
-    return "no", f"notice: mixed_precision {requested} needs a GPU; training in fp32 on {device.type}"
+    if requested == "fp16":
+        return "no", f"notice: mixed_precision fp16 needs a GPU; training in fp32 on {device.type}"
+    return ("no" if requested == "auto" else requested), None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -516,8 +516,8 @@ def train(cfg: Config) -> int:
         torch.backends.cudnn.allow_tf32 = True
     out = Path(t.output_dir).expanduser()
     accelerator = Accelerator(
-        cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps, log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         step_scheduler_with_optimizer=False, dynamo_backend="inductor" if t.compile else "no")
     main = accelerator.is_main_process
     if notice and main:
