@@ -96,14 +96,15 @@ def progress_of(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "progress.json").read_text())
 
 
-def test_sigterm_checkpoints_and_the_run_resumes_to_the_end(image_folder, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_checkpoints_and_the_run_resumes_to_the_end(image_folder, tmp_path, signum):
     out = tmp_path / "run"
     proc = start_training(image_folder, out)
     wait_for(lambda: (out / "checkpoint-step-4" / "progress.json").exists(), proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert "stopped by SIGTERM" in stderr and "--resume_from_checkpoint latest" in stderr
+    assert proc.returncode == 128 + signum, stderr
+    assert f"stopped by {signal.Signals(signum).name}" in stderr and "--resume_from_checkpoint latest" in stderr
     assert "Traceback" not in stderr
     latest = max((p for p in out.glob("checkpoint-step-*")), key=lambda p: progress_of(p)["global_step"])
     stopped_at = progress_of(latest)["global_step"]
