@@ -8,12 +8,13 @@ the training device (``to_model_input``), so the loader moves 1 byte per pixel i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import urllib.error
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import psutil
@@ -87,17 +88,38 @@ def to_model_input(batch: torch.Tensor, random_flip: bool) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Sources: each gives a count, a fingerprint of its contents, its channels and an image reader
+# Sources: the images before caching
 # ---------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
 class Source:
-    def __init__(self, name: str, count: int, channels: int, fingerprint: str,
-                 read: Callable[[int, int], Optional[np.ndarray]], label: str,
-                 describe: Callable[[int], str] = lambda index: f"#{index}"):
-        self.name, self.count, self.channels, self.fingerprint, self.read, self.label = (
-            name, count, channels, fingerprint, read, label)
-        self.describe = describe  # image index -> what the user knows it as (its file)
+    """A dataset before caching: its images, how to read one, and a fingerprint that changes with them.
+
+    Plain data (no closures), so loader workers can receive it under any multiprocessing start method."""
+
+    name: str  # cifar10, mnist or custom
+    label: str  # how the user knows it, for messages
+    channels: int
+    fingerprint: str  # a new cache is built when this changes
+    files: Optional[list[Path]] = None  # a folder's image files
+    root: Optional[Path] = None  # the folder they were found in
+    pixels: Optional[np.ndarray] = None  # a torchvision dataset's images: [N,H,W] or [N,H,W,C] uint8
+
+    @property
+    def count(self) -> int:
+        return len(self.files) if self.files is not None else len(self.pixels)
+
+    def read(self, index: int, image_size: int) -> Optional[np.ndarray]:
+        """Image `index` as uint8 [C, S, S], or None when its file cannot be read."""
+        if self.files is not None:
+            return decode_file(str(self.files[index]), image_size)
+        array = np.asarray(resize_and_crop(image_size)(Image.fromarray(self.pixels[index])), dtype=np.uint8)
+        return array.transpose(2, 0, 1) if array.ndim == 3 else array[None]
+
+    def describe(self, index: int) -> str:
+        """Image `index` as the user knows it (its file), for warnings."""
+        return str(self.files[index].relative_to(self.root)) if self.files is not None else f"#{index}"
 
 
 def _download_error(name: str, data_dir: str, error: Exception) -> UserError:
@@ -116,15 +138,8 @@ def _torchvision_source(name: str, data_dir: str) -> Source:
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         raise _download_error({"cifar10": "CIFAR-10", "mnist": "MNIST"}[name], data_dir, e) from None
     pixels = np.asarray(dataset.data)  # CIFAR-10: [N,32,32,3] uint8, MNIST: [N,28,28] uint8
-    channels = 3 if pixels.ndim == 4 else 1
     fingerprint = hashlib.sha1(np.ascontiguousarray(pixels).data).hexdigest()
-
-    def read(index: int, image_size: int) -> np.ndarray:
-        image = Image.fromarray(pixels[index])
-        array = np.asarray(resize_and_crop(image_size)(image), dtype=np.uint8)
-        return array.transpose(2, 0, 1) if array.ndim == 3 else array[None]
-
-    return Source(name, len(pixels), channels, fingerprint, read, f"{name} in {data_dir}")
+    return Source(name, f"{name} in {data_dir}", 3 if pixels.ndim == 4 else 1, fingerprint, pixels=pixels)
 
 
 def find_images(folder: str) -> list[Path]:
@@ -144,9 +159,7 @@ def _folder_source(folder: Optional[str]) -> Source:
     files = find_images(folder)
     listing = "\n".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in files)
     fingerprint = hashlib.sha1(listing.encode()).hexdigest()
-    root = Path(folder).expanduser()
-    return Source("custom", len(files), 3, fingerprint, lambda i, size: decode_file(str(files[i]), size), str(folder),
-                  describe=lambda i: str(files[i].relative_to(root)))
+    return Source("custom", str(folder), 3, fingerprint, files=files, root=Path(folder).expanduser())
 
 
 def open_source(cfg: Config) -> Source:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -58,6 +59,13 @@ def test_cache_is_built_once_and_rebuilt_when_the_source_or_size_changes(tmp_pat
     grown = dataset.load_dataset(config_for(folder, data), progress=False)
     assert len(grown) == 7 and len(list((data / "cache").glob("*.npy"))) == 3
     assert not list((data / "cache").glob("*partial*"))
+
+
+def test_a_source_reaches_loader_workers_under_any_start_method(tmp_path, mnist_dir):
+    folder = make_image_folder(tmp_path / "images", count=3)
+    for cfg in (config_for(folder, tmp_path / "data"), config_for(Path("unused"), mnist_dir, name="mnist")):
+        source = pickle.loads(pickle.dumps(dataset.open_source(cfg)))  # "spawn" (macOS, Windows) pickles it
+        assert source.read(0, 8).shape == (source.channels, 8, 8)
 
 
 def test_memory_mapped_and_in_memory_caches_agree(tmp_path):
