@@ -147,31 +147,6 @@ class InferenceConfig:
     compile: bool = False  # torch.compile the UNet (GPU only)
 
 
-# The defaults. Edit these lines to change them; command-line flags override them.
-config = Config()
-training_config = config.training
-data_config = config.data
-model_config = config.model
-scheduler_config = config.scheduler
-
-# Presets hold only their differences from the defaults (--model_preset NAME).
-PRESETS: dict[str, dict[str, object]] = {
-    # The 35.7M-parameter CIFAR-10 UNet of Ho et al. (2020), attention at 16x16.
-    "ddpm-cifar10": dict(
-        image_size=32,
-        block_out_channels=(128, 256, 256, 256),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None,
-        dropout=0.1,
-        learning_rate=2e-4,
-        train_batch_size=128,
-        lr_scheduler="constant_with_warmup",
-        lr_warmup_steps=5000,
-    ),
-}
-
-
 # ---------------------------------------------------------------------------------------------------
 # Command line: a view of the dataclasses above, generated from their fields and comments.
 # ---------------------------------------------------------------------------------------------------
@@ -349,3 +324,32 @@ def build(cls: type, values: dict[str, object]):
     if cls is Config:
         return Config(*(build(f.default_factory, values) for f in dataclasses.fields(Config)))
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+
+# Presets hold only their differences from the defaults (--model_preset NAME).
+PRESETS: dict[str, dict[str, object]] = {
+    # The 35.7M-parameter CIFAR-10 UNet of Ho et al. (2020), attention at 16x16.
+    "ddpm-cifar10": dict(
+        image_size=32,
+        block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None,
+        dropout=0.1,
+        learning_rate=2e-4,
+        train_batch_size=128,
+        lr_scheduler="constant_with_warmup",
+        lr_warmup_steps=5000,
+    ),
+}
+
+
+# The defaults. Edit these lines to change them; command-line flags override them.
+config = Config()
+training_config = config.training
+data_config = config.data
+model_config = config.model
+scheduler_config = config.scheduler
+# Change a default here, for example (a command-line flag still overrides it):
+# training_config.dataset_name = "custom"
+# data_config.dataset_path = "/path/to/your/images"
