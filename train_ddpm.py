@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import config as config_module
 from config import Config, DataConfig, ModelConfig, SchedulerConfig, TrainingConfig, UserError
+from dataset import load_dataset, make_dataloader, to_model_input
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(epoch|step)-(\d+)$")
 RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png")
@@ -61,6 +62,7 @@ def parse_config(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
         base = {**defaults, **config_module.read_config_file(checkpoint / "config.json", SECTIONS)}
         values, options = config_module.parse_cli(argv, prog, doc, base, SECTIONS, config_module.PRESETS, EXTRA_FLAGS)
         cfg = config_module.build(Config, values)
+        cfg.training.resume_from_checkpoint = str(checkpoint)  # "latest" resolved once, and recorded as a path
     validate(cfg)
     return cfg, getattr(options, "dry_run", False)
 
@@ -355,8 +357,6 @@ def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int)
     """One micro-step: the diffusion loss and backward; every accumulation also a clipped AdamW step, the LR
     schedule and the EMA. Returns the loss and, on optimizer steps, whether the step was finite. Nothing here
     waits for the GPU."""
-    from dataset import to_model_input
-
     seed_micro_step(seed, accelerator.device)
     model, optimizer, noise_scheduler = parts.model, parts.optimizer, parts.noise_scheduler
     clean = to_model_input(batch, cfg.data.random_flip)
@@ -502,7 +502,6 @@ def train(cfg: Config) -> int:
     from accelerate.utils import ProjectConfiguration, broadcast_object_list
     from tqdm.auto import tqdm
 
-    from dataset import load_dataset, make_dataloader
     from sampling import save_grid
 
     t = cfg.training
@@ -522,7 +521,7 @@ def train(cfg: Config) -> int:
     main = accelerator.is_main_process
     if notice and main:
         print(notice)
-    resume_from = find_checkpoint(t.output_dir, t.resume_from_checkpoint) if t.resume_from_checkpoint else None
+    resume_from = Path(t.resume_from_checkpoint) if t.resume_from_checkpoint else None  # found by parse_config
     if t.seed is None:
         t.seed = broadcast_object_list([secrets.randbits(31)])[0]
 
