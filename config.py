@@ -59,6 +59,7 @@ class TrainingConfig:
     adam_weight_decay: float = 1e-6  # AdamW decoupled weight decay
     adam_epsilon: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # clip the gradient norm to this (0 turns clipping off)
+    snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); none: plain MSE
     mixed_precision: MixedPrecision = "auto"  # auto: bf16 on GPUs that have it, else fp16; fp32 on CPU
     compile: bool = False  # torch.compile the UNet (GPU only; first steps are slow while it compiles)
     seed: Optional[int] = None  # makes the run reproducible; None draws one and records it in config.json
@@ -88,7 +89,8 @@ class DataConfig:
 
     dataset_path: Optional[str] = None  # folder of images for dataset_name=custom (searched recursively)
     data_dir: str = "./data"  # where CIFAR-10/MNIST are downloaded and dataset caches are kept
-    random_flip: bool = True  # random horizontal flips (done on the device)
+    num_channels: Literal["auto", "1", "3"] = "auto"  # 1 (greyscale) or 3 (RGB); auto: 1 when every image is greyscale
+    random_flip: Optional[bool] = None  # random horizontal flips; auto: on for cifar10 (Ho et al.), off for mnist and custom (mirrored letters)
     dataloader_num_workers: int = -1  # loader processes; -1: none for in-memory data, up to 4 for large data
 
 
@@ -237,8 +239,9 @@ def _build_parser(prog: str, description: str, table: dict[str, Flag], defaults:
             groups[flag.section] = parser.add_argument_group(flag.section.__name__, flag.section.__doc__)
         group, default = groups[flag.section], defaults[flag.name]
         if flag.type is bool:
+            shown = "auto" if default is None else "on" if default else "off"
             group.add_argument(f"--{flag.name}", dest=flag.name, action="store_const", const=True,
-                               help=f"{flag.help} (default: {'on' if default else 'off'}; --no_{flag.name} turns it off)")
+                               help=f"{flag.help} (default: {shown}; --no_{flag.name} turns it off)")
             group.add_argument(f"--no_{flag.name}", dest=flag.name, action="store_const", const=False,
                                help=argparse.SUPPRESS)
             continue

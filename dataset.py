@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import numpy as np
 import psutil
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from tqdm.auto import tqdm
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from config import Config, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-CACHE_FORMAT = 1  # bump when the way images are decoded or resized changes, so old caches are rebuilt
+CACHE_FORMAT = 2  # bump when the way images are decoded or resized changes, so old caches are rebuilt
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -67,15 +67,36 @@ def plain_transform(image_size: int, channels: int) -> transforms.Compose:
     ])
 
 
-def decode_file(path: str, image_size: int) -> Optional[np.ndarray]:
-    """One image file as uint8 [3, S, S], or None when it cannot be read (truncated, not an image...)."""
+def decode_file(path: str, image_size: int, channels: int = 3) -> Optional[np.ndarray]:
+    """One image file as uint8 [channels, S, S], or None when it cannot be read (truncated, not an image...)."""
     try:
         with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)  # phone photos: stored sideways, shown upright
             image.load()
-            pixels = resize_and_crop(image_size)(to_rgb(image))
+            pixels = resize_and_crop(image_size)(as_mode(image, channels))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
-    return np.asarray(pixels, dtype=np.uint8).transpose(2, 0, 1)
+    array = np.asarray(pixels, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def as_mode(image: Image.Image, channels: int) -> Image.Image:
+    """RGB for 3 channels; for 1, the luminance of that RGB (exact for greyscale sources: R = G = B)."""
+    rgb = to_rgb(image)
+    return rgb if channels == 3 else rgb.convert("L")
+
+
+# PIL modes that hold no colour: a folder of only these trains a 1-channel model.
+GREYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+def is_greyscale_file(path: Path) -> bool:
+    """Whether the file's mode holds no colour (reads the header only); unreadable files do not count."""
+    try:
+        with Image.open(path) as image:
+            return image.mode in GREYSCALE_MODES
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return True
 
 
 def to_model_input(batch: torch.Tensor, random_flip: bool) -> torch.Tensor:
@@ -100,7 +121,7 @@ class Source:
 
     name: str  # cifar10, mnist or custom
     label: str  # how the user knows it, for messages
-    channels: int
+    channels: int  # of the images as stored (3 for a folder, which may mix modes); the cache's may differ
     fingerprint: str  # a new cache is built when this changes
     files: Optional[list[Path]] = None  # a folder's image files
     root: Optional[Path] = None  # the folder they were found in
@@ -110,12 +131,26 @@ class Source:
     def count(self) -> int:
         return len(self.files) if self.files is not None else len(self.pixels)
 
-    def read(self, index: int, image_size: int) -> Optional[np.ndarray]:
-        """Image `index` as uint8 [C, S, S], or None when its file cannot be read."""
+    def read(self, index: int, image_size: int, channels: int) -> Optional[np.ndarray]:
+        """Image `index` as uint8 [channels, S, S], or None when its file cannot be read."""
         if self.files is not None:
-            return decode_file(str(self.files[index]), image_size)
-        array = np.asarray(resize_and_crop(image_size)(Image.fromarray(self.pixels[index])), dtype=np.uint8)
+            return decode_file(str(self.files[index]), image_size, channels)
+        image = Image.fromarray(self.pixels[index])
+        if channels != self.channels:
+            image = as_mode(image, channels)
+        array = np.asarray(resize_and_crop(image_size)(image), dtype=np.uint8)
         return array.transpose(2, 0, 1) if array.ndim == 3 else array[None]
+
+    def choose_channels(self, requested: str) -> tuple[int, str]:
+        """The cache's channel count and why: as asked, else 1 for greyscale data, 3 for colour."""
+        if requested != "auto":
+            return int(requested), f"--num_channels {requested}"
+        if self.files is None:
+            return self.channels, "greyscale data" if self.channels == 1 else "colour data"
+        colour = next((f for f in self.files if not is_greyscale_file(f)), None)
+        if colour is None:
+            return 1, "every image is greyscale; --num_channels 3 keeps RGB"
+        return 3, f"colour images such as {colour.relative_to(self.root)}"
 
     def describe(self, index: int) -> str:
         """Image `index` as the user knows it (its file), for warnings."""
@@ -177,26 +212,26 @@ def open_source(cfg: Config) -> Source:
 class _Reader(Dataset):
     """Decodes source images in loader workers while the cache is built."""
 
-    def __init__(self, source: Source, image_size: int):
-        self.source, self.image_size = source, image_size
+    def __init__(self, source: Source, image_size: int, channels: int):
+        self.source, self.image_size, self.channels = source, image_size, channels
 
     def __len__(self) -> int:
         return self.source.count
 
     def __getitem__(self, index: int):
-        return self.source.read(index, self.image_size)
+        return self.source.read(index, self.image_size, self.channels)
 
 
 def _first(batch):
     return batch[0]
 
 
-def build_cache(source: Source, image_size: int, path: Path, workers: int, progress: bool) -> dict:
+def build_cache(source: Source, image_size: int, channels: int, path: Path, workers: int, progress: bool) -> dict:
     """Decode every image once into a .npy file (written beside, then renamed into place)."""
-    shape = (source.count, source.channels, image_size, image_size)
+    shape = (source.count, channels, image_size, image_size)
     tmp = path.with_name(path.name + f".partial-{os.getpid()}")
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-    loader = DataLoader(_Reader(source, image_size), batch_size=1, num_workers=workers, collate_fn=_first)
+    loader = DataLoader(_Reader(source, image_size, channels), batch_size=1, num_workers=workers, collate_fn=_first)
     count, skipped = 0, []
     try:
         for index, image in enumerate(tqdm(loader, desc=f"caching {source.label} at {image_size}px",
@@ -211,7 +246,7 @@ def build_cache(source: Source, image_size: int, path: Path, workers: int, progr
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"format": CACHE_FORMAT, "count": count, "skipped": skipped, "source": source.label}
+    return {"format": CACHE_FORMAT, "count": count, "skipped": skipped, "source": source.label, "channels": channels}
 
 
 class ImageCache(Dataset):
@@ -255,8 +290,8 @@ def load_dataset(cfg: Config, progress: bool = True) -> ImageCache:
     In several processes call it on the main process first (accelerator.main_process_first()).
     """
     source = open_source(cfg)
-    size = cfg.training.image_size
-    key = hashlib.sha1(f"{CACHE_FORMAT}|{source.fingerprint}|{size}".encode()).hexdigest()[:16]
+    size, requested = cfg.training.image_size, cfg.data.num_channels
+    key = hashlib.sha1(f"{CACHE_FORMAT}|{source.fingerprint}|{size}|{requested}".encode()).hexdigest()[:16]
     path = Path(cfg.data.data_dir).expanduser() / "cache" / f"{source.name}-{size}px-{key}.npy"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
@@ -267,8 +302,9 @@ def load_dataset(cfg: Config, progress: bool = True) -> ImageCache:
         except OSError as e:
             raise UserError(f"cannot write the dataset cache under --data_dir {cfg.data.data_dir} ({e.strerror}); "
                             f"pass a writable --data_dir") from None
+        channels, why = source.choose_channels(requested)
         workers = min(4, os.cpu_count() or 1) if source.name == "custom" else 0
-        meta = build_cache(source, size, path, workers, progress)
+        meta = {**build_cache(source, size, channels, path, workers, progress), "channels_reason": why}
         with open(meta_path.with_suffix(".json.partial"), "w") as f:
             json.dump(meta, f)
         os.replace(meta_path.with_suffix(".json.partial"), meta_path)
@@ -279,7 +315,12 @@ def load_dataset(cfg: Config, progress: bool = True) -> ImageCache:
               f"(truncated or not images): {names}")
     if meta["count"] == 0:
         raise UserError(f"none of the {source.count} images in {source.label} could be read; check the files")
-    nbytes = meta["count"] * source.channels * size * size
+    channels = meta["channels"]
+    if progress:
+        print(f"data: {source.label}: {meta['count']} images at {size}px, {channels} channel"
+              f"{'s' if channels > 1 else ''} ({meta['channels_reason']}), {len(meta['skipped'])} skipped; random flips "
+              f"{'on' if cfg.data.random_flip else 'off'}")
+    nbytes = meta["count"] * channels * size * size
     in_memory = nbytes <= psutil.virtual_memory().total // 4
     return ImageCache(path, meta["count"], in_memory)
 

@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 
 import imageio.v3 as iio
 import torch
+from PIL import Image
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -160,8 +161,9 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: Optional[i
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
+    """One [C,H,W] image in [0, 1] as an RGB PNG, or a greyscale one for a 1-channel model."""
     with atomic_write(path) as tmp:
-        save_image(image, tmp, padding=0, format="PNG")
+        Image.fromarray(to_uint8_hwc(image)).save(tmp, format="PNG")
 
 
 def to_uint8_hwc(image: torch.Tensor):

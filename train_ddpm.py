@@ -63,6 +63,8 @@ def parse_config(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
         values, options = config_module.parse_cli(argv, prog, doc, base, SECTIONS, config_module.PRESETS, EXTRA_FLAGS)
         cfg = config_module.build(Config, values)
         cfg.training.resume_from_checkpoint = str(checkpoint)  # "latest" resolved once, and recorded as a path
+    if cfg.data.random_flip is None:  # mirrored letters or digits are wrong samples; CIFAR-10's objects are not
+        cfg.data.random_flip = cfg.training.dataset_name == "cifar10"
     validate(cfg)
     return cfg, getattr(options, "dry_run", False)
 
@@ -81,8 +83,10 @@ def validate(cfg: Config) -> None:
     for name, value in at_least_one.items():
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
-    for name, value in dict(learning_rate=t.learning_rate, adam_epsilon=t.adam_epsilon, beta_start=s.beta_start).items():
-        if not value > 0:
+    positive = dict(learning_rate=t.learning_rate, adam_epsilon=t.adam_epsilon, beta_start=s.beta_start,
+                    snr_gamma=t.snr_gamma)
+    for name, value in positive.items():
+        if value is not None and not value > 0:
             raise UserError(f"--{name} must be positive, got {value}")
     in_range = dict(lr_warmup_steps=(t.lr_warmup_steps, 0, None), adam_weight_decay=(t.adam_weight_decay, 0, None),
                     max_grad_norm=(t.max_grad_norm, 0, None), adam_beta1=(t.adam_beta1, 0, 1),
@@ -313,6 +317,7 @@ class TrainingParts:
     ema: Optional[object]  # diffusers EMAModel, or None
     noise_scheduler: object  # the DDPMScheduler that noises the training images
     ema_params: list = dataclasses.field(default_factory=list)  # unet's parameters, listed once
+    loss_weights: Optional[torch.Tensor] = None  # per timestep (min-SNR-gamma), on the device; None: plain MSE
 
 
 def build_training(cfg: Config, accelerator, channels: int, total_steps: int) -> TrainingParts:
@@ -349,8 +354,22 @@ def build_training(cfg: Config, accelerator, channels: int, total_steps: int) ->
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     accelerator.register_for_checkpointing(lr_schedule)
-    return TrainingParts(model, unet, optimizer, fused, lr_schedule, ema, build_noise_scheduler(cfg),
-                         list(unet.parameters()))
+    noise_scheduler = build_noise_scheduler(cfg)
+    return TrainingParts(model, unet, optimizer, fused, lr_schedule, ema, noise_scheduler, list(unet.parameters()),
+                         min_snr_weights(noise_scheduler, cfg, accelerator.device))
+
+
+def min_snr_weights(noise_scheduler, cfg: Config, device: torch.device) -> Optional[torch.Tensor]:
+    """min(SNR(t), gamma) / SNR(t) for epsilon targets (/(SNR(t) + 1) for v): less weight on the nearly clean
+    timesteps, whose loss is easy and whose gradients otherwise dominate (Hang et al. 2023)."""
+    from diffusers.training_utils import compute_snr
+
+    gamma = cfg.training.snr_gamma
+    if not gamma:
+        return None
+    snr = compute_snr(noise_scheduler, torch.arange(noise_scheduler.config.num_train_timesteps))
+    divisor = snr if cfg.scheduler.prediction_type == "epsilon" else snr + 1
+    return (snr.clamp(max=gamma) / divisor).float().to(device)
 
 
 def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int):
@@ -369,7 +388,11 @@ def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int)
     finite = None
     with accelerator.accumulate(model):
         prediction = model(noisy, timesteps, return_dict=False)[0]
-        loss = F.mse_loss(prediction.float(), target.float())
+        if parts.loss_weights is None:
+            loss = F.mse_loss(prediction.float(), target.float())
+        else:
+            per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_image * parts.loss_weights[timesteps]).mean()
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             grad_norm = accelerator.clip_grad_norm_(parts.ema_params, cfg.training.max_grad_norm or float("inf"))
@@ -563,9 +586,10 @@ def train(cfg: Config) -> int:
         writer = accelerator.get_tracker("tensorboard", unwrap=True)
         writer.add_text("config", "```\n" + json.dumps(record, indent=2, default=str) + "\n```", progress.global_step)
         if not resume_from:
-            first = torch.stack([dataset[i] for i in range(min(len(dataset), t.num_preview_images))])
-            save_grid(first.float() / 255, out / "sample_training_data.png")
-            writer.add_images("training_data", first.float() / 255, 0)
+            shown = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(t.seed))
+            first = dataset.__getitems__(sorted(shown[: t.num_preview_images].tolist())).float() / 255
+            save_grid(first, out / "sample_training_data.png")
+            writer.add_images("training_data", first, 0)
             log_graph(writer, unet, channels, t.image_size)
         print(f"training on {len(dataset)} images, {accelerator.num_processes} process(es) on {device.type}, "
               f"{precision}: {total_steps} optimizer steps of {t.train_batch_size} x {accelerator.num_processes} x "

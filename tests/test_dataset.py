@@ -65,7 +65,7 @@ def test_a_source_reaches_loader_workers_under_any_start_method(tmp_path, mnist_
     folder = make_image_folder(tmp_path / "images", count=3)
     for cfg in (config_for(folder, tmp_path / "data"), config_for(Path("unused"), mnist_dir, name="mnist")):
         source = pickle.loads(pickle.dumps(dataset.open_source(cfg)))  # "spawn" (macOS, Windows) pickles it
-        assert source.read(0, 8).shape == (source.channels, 8, 8)
+        assert source.read(0, 8, source.channels).shape == (source.channels, 8, 8)
 
 
 def test_memory_mapped_and_in_memory_caches_agree(tmp_path):

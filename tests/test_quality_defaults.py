@@ -1,0 +1,90 @@
+"""Defaults that fit the data (issue 13): greyscale folders train 1-channel models, flips only where they are
+harmless, a preview of the data that is a random sample of it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset
+import train_ddpm
+from conftest import TINY_RUN, make_image_folder, run_cli
+from config import Config
+
+
+def greyscale_folder(root: Path) -> Path:
+    """Greyscale images in the modes a user's folder may hold, sorted into two class folders (dark, light)."""
+    rng = np.random.default_rng(3)
+    for k in range(8):
+        for cls, low in (("a_dark", 0), ("b_light", 200)):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(low, low + 56, (18, 20)).astype(np.uint8)
+            image = Image.fromarray(pixels)
+            if k == 1:
+                image = image.convert("LA")
+            elif k == 2:
+                image = Image.fromarray(pixels.astype(np.uint16) * 257)  # 16-bit greyscale
+            name = f"{cls}{k}.jpg" if k == 3 else f"{cls}{k}.png"
+            image.save(root / cls / name)
+    return root
+
+
+def config_for(folder: Path, data_dir: Path, num_channels: str = "auto") -> Config:
+    cfg = Config()
+    cfg.training.dataset_name, cfg.training.image_size = "custom", 16
+    cfg.data.dataset_path, cfg.data.data_dir, cfg.data.num_channels = str(folder), str(data_dir), num_channels
+    return cfg
+
+
+def test_a_greyscale_folder_gives_one_channel_equal_to_the_plain_pipeline(tmp_path, capsys):
+    folder = greyscale_folder(tmp_path / "grey")
+    cache = dataset.load_dataset(config_for(folder, tmp_path / "data"), progress=True)
+    assert "1 channel (every image is greyscale" in capsys.readouterr().out
+    cached = dataset.to_model_input(cache.__getitems__(list(range(len(cache)))), random_flip=False)
+    transform = dataset.plain_transform(16, 1)
+    expected = torch.stack([transform(dataset.to_rgb(Image.open(p)).convert("L"))
+                            for p in dataset.find_images(str(folder))])
+    assert cached.shape == expected.shape == (16, 1, 16, 16)
+    torch.testing.assert_close(cached, expected, atol=1e-6, rtol=0)
+
+
+def test_num_channels_overrides_the_detection(tmp_path):
+    grey = greyscale_folder(tmp_path / "grey")
+    colour = make_image_folder(tmp_path / "colour", count=4)
+    assert dataset.load_dataset(config_for(grey, tmp_path / "data", "3"), progress=False)[0].shape[0] == 3
+    assert dataset.load_dataset(config_for(colour, tmp_path / "data"), progress=False)[0].shape[0] == 3
+    assert dataset.load_dataset(config_for(colour, tmp_path / "data", "1"), progress=False)[0].shape[0] == 1
+
+
+@pytest.mark.parametrize("name, flags, flip", [
+    ("cifar10", [], True), ("mnist", [], False), ("custom", [], False), ("custom", ["--random_flip"], True),
+    ("cifar10", ["--no_random_flip"], False)])
+def test_random_flip_default_follows_the_dataset(tmp_path, name, flags, flip):
+    folder = ["--dataset_path", str(tmp_path)] if name == "custom" else []
+    cfg, _ = train_ddpm.parse_config(["--dataset_name", name, *folder, *flags])
+    assert cfg.data.random_flip is flip
+
+
+def test_greyscale_folder_end_to_end(tmp_path):
+    """A class-sorted greyscale folder: a 1-channel model, greyscale PNGs from inference, and a preview of the
+    data that shows both classes (a random sample, not the first files)."""
+    folder = greyscale_folder(tmp_path / "grey")
+    out = tmp_path / "results"
+    proc = run_cli("train_ddpm.py", *TINY_RUN, "--dataset_name", "custom", "--dataset_path", folder,
+                   "--data_dir", tmp_path / "data", "--output_dir", out, "--max_train_steps", 2,
+                   "--num_preview_images", 8)
+    assert "1 channel" in proc.stdout and "random flips off" in proc.stdout
+    record = json.loads((out / "config.json").read_text())
+    assert record["_provenance"]["channels"] == 1 and record["data"]["random_flip"] is False
+    preview = np.asarray(Image.open(out / "sample_training_data.png").convert("L"))
+    light = (preview > 190).mean()
+    assert 0.15 < light < 0.85, f"the preview shows one class only ({light:.2f} of it is light)"
+    run_cli("inference.py", "--model_path", out / "final_model", "--num_images", 2, "--num_inference_steps", 2,
+            "--output_dir", tmp_path / "samples")
+    image = Image.open(tmp_path / "samples" / "seed000000.png")
+    assert image.mode == "L" and image.size == (16, 16)
