@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+Auto = Literal["auto"]  # a field typed `float | Auto` takes a number or "auto" (chosen by the script)
 Dataset = Literal["cifar10", "mnist", "custom"]
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 LRSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
@@ -51,9 +52,9 @@ class TrainingConfig:
     num_epochs: int = 100  # passes over the data
     max_train_steps: Optional[int] = None  # stop after this many optimizer steps (overrides num_epochs)
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
-    learning_rate: float = 1e-4  # peak AdamW learning rate
+    learning_rate: float | Auto = "auto"  # peak AdamW LR; auto: 1e-4 x sqrt(113.7M / parameters), 1e-4 for the README's UNet
     lr_scheduler: LRSchedule = "cosine"  # LR shape
-    lr_warmup_steps: int = 500  # linear warm-up, in optimizer steps
+    lr_warmup_steps: int | Auto = "auto"  # linear warm-up, in optimizer steps; auto: 5% of the run, at most 500
     adam_beta1: float = 0.95  # AdamW beta1
     adam_beta2: float = 0.999  # AdamW beta2
     adam_weight_decay: float = 1e-6  # AdamW decoupled weight decay
@@ -163,6 +164,16 @@ class Flag:
     type: object  # the field's type, Optional[...] removed
     optional: bool  # whether None is allowed
     help: str  # the comment on the field's line
+    auto: bool = False  # whether "auto" is allowed (resolved by the script from the model and the data)
+
+
+def _unwrap_auto(tp: object) -> tuple[object, bool]:
+    """float | Literal["auto"] -> (float, True): a value, or "auto" for the script to choose."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and Auto in args:
+        rest = [a for a in args if a is not Auto]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+    return tp, False
 
 
 def _unwrap_optional(tp: object) -> tuple[object, bool]:
@@ -179,8 +190,9 @@ def flags_of(*sections: type) -> dict[str, Flag]:
         comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(section), flags=re.M))
         for name, hint in typing.get_type_hints(section).items():
             assert name not in table, f"config field {name} is defined twice"
-            tp, optional = _unwrap_optional(hint)
-            table[name] = Flag(name, section, tp, optional, comments.get(name, ""))
+            tp, auto = _unwrap_auto(hint)
+            tp, optional = _unwrap_optional(tp)
+            table[name] = Flag(name, section, tp, optional, comments.get(name, ""), auto)
     return table
 
 
@@ -191,6 +203,8 @@ def _parse_text(flag: Flag, text: str):
         tp = typing.get_args(tp)[0]
     if flag.optional and text.lower() == "none":
         return None
+    if flag.auto and text.lower() == "auto":
+        return "auto"
     if typing.get_origin(tp) is Literal:
         return text  # argparse checks the choices
     return tp(text)
@@ -198,8 +212,8 @@ def _parse_text(flag: Flag, text: str):
 
 def _check_value(flag: Flag, value: object, source: str) -> object:
     """Check a value read from a JSON file or a preset against the field's type."""
-    if value is None and flag.optional:
-        return None
+    if value is None and flag.optional or flag.auto and value == "auto":
+        return value
     if typing.get_origin(flag.type) is tuple:
         if not isinstance(value, (list, tuple)) or not value:
             raise UserError(f"{source}: {flag.name} must be a non-empty list, got {value!r}")
@@ -238,6 +252,7 @@ def _build_parser(prog: str, description: str, table: dict[str, Flag], defaults:
         if flag.section not in groups:
             groups[flag.section] = parser.add_argument_group(flag.section.__name__, flag.section.__doc__)
         group, default = groups[flag.section], defaults[flag.name]
+        flag = dataclasses.replace(flag, help=flag.help.replace("%", "%%"))  # argparse %-formats help texts
         if flag.type is bool:
             shown = "auto" if default is None else "on" if default else "off"
             group.add_argument(f"--{flag.name}", dest=flag.name, action="store_const", const=True,
@@ -247,7 +262,7 @@ def _build_parser(prog: str, description: str, table: dict[str, Flag], defaults:
             continue
         element = typing.get_args(flag.type)[0] if typing.get_origin(flag.type) is tuple else flag.type
         kwargs: dict[str, object] = {"nargs": "+"} if typing.get_origin(flag.type) is tuple else {}
-        metavar = flag.name.upper()
+        metavar = flag.name.upper() + ("|auto" if flag.auto else "")
         if typing.get_origin(element) is Literal:
             kwargs["choices"] = list(typing.get_args(element)) + (["none"] if flag.optional else [])
             metavar = "{" + ",".join(kwargs["choices"]) + "}"

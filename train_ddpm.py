@@ -86,14 +86,14 @@ def validate(cfg: Config) -> None:
     positive = dict(learning_rate=t.learning_rate, adam_epsilon=t.adam_epsilon, beta_start=s.beta_start,
                     snr_gamma=t.snr_gamma)
     for name, value in positive.items():
-        if value is not None and not value > 0:
+        if value not in (None, "auto") and not value > 0:
             raise UserError(f"--{name} must be positive, got {value}")
     in_range = dict(lr_warmup_steps=(t.lr_warmup_steps, 0, None), adam_weight_decay=(t.adam_weight_decay, 0, None),
                     max_grad_norm=(t.max_grad_norm, 0, None), adam_beta1=(t.adam_beta1, 0, 1),
                     adam_beta2=(t.adam_beta2, 0, 1), dropout=(m.dropout, 0, 1), ema_max_decay=(t.ema_max_decay, 0, 1),
                     beta_end=(s.beta_end, s.beta_start, 1))
     for name, (value, low, high) in in_range.items():  # low <= value < high
-        if not (value >= low and (high is None or value < high)):
+        if value != "auto" and not (value >= low and (high is None or value < high)):
             bounds = f"at least {low}" if high is None else f"in [{low}, {high})"
             raise UserError(f"--{name} must be {bounds}, got {value}")
     if t.sample_num_inference_steps > s.num_train_timesteps:
@@ -121,6 +121,36 @@ def validate(cfg: Config) -> None:
     if bad_groups:
         raise UserError(f"--norm_num_groups {m.norm_num_groups} does not divide block_out_channels {bad_groups}; "
                         f"use channels that are multiples of it or a smaller --norm_num_groups")
+
+
+README_UNET_PARAMETERS = 113_673_219  # the README's default UNet (config.py), whose learning rate is 1e-4
+
+
+def auto_learning_rate(num_parameters: int) -> float:
+    """1e-4 for the README's UNet, scaled as 1/width (Adam's LR in muP): parameters grow as width squared, so
+    sqrt(113.7M / parameters); two significant digits, at most 2e-3. Measured in bench/RESULTS.md."""
+    lr = 1e-4 * math.sqrt(README_UNET_PARAMETERS / num_parameters)
+    return float(f"{min(lr, 2e-3):.2g}")
+
+
+def auto_warmup_steps(total_steps: int) -> int:
+    """5% of the run, at most the 500 steps of diffusers' example: short runs do not waste their steps warming up."""
+    return max(1, min(500, round(0.05 * total_steps)))
+
+
+def resolve_auto(cfg: Config, num_parameters: int, total_steps: Optional[int]) -> None:
+    """Replace the "auto" settings by what they resolve to (config.json records the values used)."""
+    t = cfg.training
+    if t.learning_rate == "auto":
+        t.learning_rate = auto_learning_rate(num_parameters)
+    if t.lr_warmup_steps == "auto" and total_steps is not None:
+        t.lr_warmup_steps = auto_warmup_steps(total_steps)
+
+
+def count_parameters(cfg: Config) -> int:
+    """The UNet's parameter count, built on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_unet(cfg, 3).parameters())
 
 
 def read_json(path: Path) -> dict:
@@ -329,6 +359,7 @@ def build_training(cfg: Config, accelerator, channels: int, total_steps: int) ->
     t = cfg.training
     set_seed(t.seed)  # the initial weights
     model = load_pretrained(cfg, channels) if t.pretrained_model_path else build_unet(cfg, channels)
+    resolve_auto(cfg, sum(p.numel() for p in model.parameters()), total_steps)
     if t.freeze_down_blocks:
         model.conv_in.requires_grad_(False)
         model.down_blocks.requires_grad_(False)
@@ -562,7 +593,12 @@ def train(cfg: Config) -> int:
     loader = accelerator.prepare(loader)
     steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
     total_steps = t.max_train_steps or t.num_epochs * steps_per_epoch
+    automatic = [name for name in ("learning_rate", "lr_warmup_steps") if getattr(t, name) == "auto"]
     parts = build_training(cfg, accelerator, channels, total_steps)
+    if automatic and main:
+        print("auto: " + ", ".join(f"{name} {getattr(t, name):g}" for name in automatic) +
+              f" (for {sum(p.numel() for p in parts.unet.parameters()) / 1e6:.1f}M parameters and {total_steps} "
+              f"steps; pass a value to override)")
     unet, ema, noise_scheduler = parts.unet, parts.ema, parts.noise_scheduler
     record = config_record(cfg, seed=t.seed, channels=channels, num_processes=accelerator.num_processes,
                            mixed_precision=precision, device=str(device), dataset_images=len(dataset))
@@ -713,6 +749,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg, dry_run = parse_config(argv)
         if dry_run:
+            if not cfg.training.pretrained_model_path:  # else the architecture is the pretrained model's
+                resolve_auto(cfg, count_parameters(cfg), cfg.training.max_train_steps)
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
             return 0
         check_output_dir(cfg)

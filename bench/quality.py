@@ -311,7 +311,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images, labels, classes = load_labelled(args.data, args.image_size)

@@ -21,7 +21,8 @@ def parse(*argv):
 def test_defaults_are_the_readmes():
     cfg = parse()
     t, m, s = cfg.training, cfg.model, cfg.scheduler
-    assert (t.dataset_name, t.image_size, t.train_batch_size, t.num_epochs, t.learning_rate) == ("cifar10", 64, 16, 100, 1e-4)
+    assert (t.dataset_name, t.image_size, t.train_batch_size, t.num_epochs) == ("cifar10", 64, 16, 100)
+    assert train_ddpm.auto_learning_rate(train_ddpm.count_parameters(cfg)) == 1e-4  # what the README model gets
     assert (t.gradient_accumulation_steps, t.output_dir, t.save_image_epochs, t.save_model_epochs) == (1, "./results", 10, 10)
     assert m.block_out_channels == (128, 128, 256, 256, 512, 512) and m.layers_per_block == 2
     assert m.down_block_types[4] == "AttnDownBlock2D" and m.up_block_types[1] == "AttnUpBlock2D"

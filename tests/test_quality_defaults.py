@@ -88,3 +88,25 @@ def test_greyscale_folder_end_to_end(tmp_path):
             "--output_dir", tmp_path / "samples")
     image = Image.open(tmp_path / "samples" / "seed000000.png")
     assert image.mode == "L" and image.size == (16, 16)
+
+
+SMALL_UNET = ["--image_size", "16", "--block_out_channels", "32", "64", "--down_block_types", "DownBlock2D",
+              "AttnDownBlock2D", "--up_block_types", "AttnUpBlock2D", "UpBlock2D"]
+
+
+@pytest.mark.parametrize("flags, steps, learning_rate, warmup", [
+    ([], 20000, 1e-4, 500),  # the README's UNet keeps 1e-4, and a long run diffusers' 500 warm-up steps
+    (["--model_preset", "ddpm-cifar10"], 20000, 2e-4, 5000),  # Ho et al.'s settings, given by the preset
+    (SMALL_UNET, 3000, 1.1e-3, 150),  # the quality benchmark's 1.0M-parameter UNet
+    (SMALL_UNET, 1000, 1.1e-3, 50),
+    (SMALL_UNET + ["--learning_rate", "3e-4", "--lr_warmup_steps", "7"], 3000, 3e-4, 7),  # a value always wins
+])
+def test_auto_learning_rate_and_warmup(flags, steps, learning_rate, warmup):
+    cfg, _ = train_ddpm.parse_config(["--max_train_steps", str(steps), *flags])
+    train_ddpm.resolve_auto(cfg, train_ddpm.count_parameters(cfg), steps)
+    assert (cfg.training.learning_rate, cfg.training.lr_warmup_steps) == (learning_rate, warmup)
+
+
+def test_count_parameters_matches_the_readme_anchor():
+    cfg, _ = train_ddpm.parse_config([])
+    assert train_ddpm.count_parameters(cfg) == train_ddpm.README_UNET_PARAMETERS
