@@ -1,9 +1,10 @@
 """Training data: CIFAR-10, MNIST (torchvision) or a folder of images, decoded and resized once.
 
 Every dataset is turned into a uint8 tensor cache of shape [N, C, image_size, image_size] under
-``data_dir/cache/`` (rebuilt when the source or image_size changes). Small caches are read into memory;
-large ones are memory-mapped and streamed by loader workers. Scaling to [-1, 1] and random flips happen on
-the training device (``to_model_input``), so the loader moves 1 byte per pixel instead of 4.
+``data_dir/cache/``: one file per source, image_size and --num_channels, replaced when the source's content
+changes. Small caches are read into memory; large ones are memory-mapped and streamed by loader workers.
+Scaling to [-1, 1] and random flips happen on the training device (``to_model_input``), so the loader moves
+1 byte per pixel instead of 4.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ class Source:
 
     name: str  # cifar10, mnist or custom
     label: str  # how the user knows it, for messages
+    identity: str  # what it is, whatever it holds now: its cache for a new content replaces the old one
     channels: int  # of the images as stored (3 for a folder, which may mix modes); the cache's may differ
     fingerprint: str  # a new cache is built when this changes
     files: Optional[list[Path]] = None  # a folder's image files
@@ -174,7 +176,7 @@ def _torchvision_source(name: str, data_dir: str) -> Source:
         raise _download_error({"cifar10": "CIFAR-10", "mnist": "MNIST"}[name], data_dir, e) from None
     pixels = np.asarray(dataset.data)  # CIFAR-10: [N,32,32,3] uint8, MNIST: [N,28,28] uint8
     fingerprint = hashlib.sha1(np.ascontiguousarray(pixels).data).hexdigest()
-    return Source(name, f"{name} in {data_dir}", 3 if pixels.ndim == 4 else 1, fingerprint, pixels=pixels)
+    return Source(name, f"{name} in {data_dir}", name, 3 if pixels.ndim == 4 else 1, fingerprint, pixels=pixels)
 
 
 def find_images(folder: str) -> list[Path]:
@@ -194,7 +196,8 @@ def _folder_source(folder: Optional[str]) -> Source:
     files = find_images(folder)
     listing = "\n".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in files)
     fingerprint = hashlib.sha1(listing.encode()).hexdigest()
-    return Source("custom", str(folder), 3, fingerprint, files=files, root=Path(folder).expanduser())
+    root = Path(folder).expanduser()
+    return Source("custom", str(folder), f"folder|{root.resolve()}", 3, fingerprint, files=files, root=root)
 
 
 def open_source(cfg: Config) -> Source:
@@ -284,6 +287,23 @@ class ImageCache(Dataset):
         return torch.from_numpy(rows[np.argsort(order)])
 
 
+def cache_path(folder: Path, source: Source, size: int, requested: str) -> Path:
+    """{kind}-{size}px-{slot}-{content}.npy: one slot per source, size and channel request; the content part
+    changes with the source's fingerprint (or CACHE_FORMAT), so a changed source gets a new file in its slot."""
+    slot = hashlib.sha1(f"{source.identity}|{size}|{requested}".encode()).hexdigest()[:12]
+    content = hashlib.sha1(f"{CACHE_FORMAT}|{source.fingerprint}".encode()).hexdigest()[:12]
+    return folder / f"{source.name}-{size}px-{slot}-{content}.npy"
+
+
+def remove_stale_caches(path: Path) -> None:
+    """Delete the caches the new one at `path` replaces (same slot, older content), so data_dir/cache holds at
+    most one file per source, size and channel request. A run still reading one keeps its open memory map."""
+    slot = path.stem.rsplit("-", 1)[0]
+    for stale in path.parent.glob(f"{slot}-*"):
+        if stale.suffix in (".npy", ".json") and stale.stem != path.stem:
+            stale.unlink(missing_ok=True)
+
+
 def load_dataset(cfg: Config, progress: bool = True) -> ImageCache:
     """Open (building on first use) the uint8 cache of the configured dataset at cfg.training.image_size.
 
@@ -291,8 +311,7 @@ def load_dataset(cfg: Config, progress: bool = True) -> ImageCache:
     """
     source = open_source(cfg)
     size, requested = cfg.training.image_size, cfg.data.num_channels
-    key = hashlib.sha1(f"{CACHE_FORMAT}|{source.fingerprint}|{size}|{requested}".encode()).hexdigest()[:16]
-    path = Path(cfg.data.data_dir).expanduser() / "cache" / f"{source.name}-{size}px-{key}.npy"
+    path = cache_path(Path(cfg.data.data_dir).expanduser() / "cache", source, size, requested)
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -308,6 +327,7 @@ def load_dataset(cfg: Config, progress: bool = True) -> ImageCache:
         with open(meta_path.with_suffix(".json.partial"), "w") as f:
             json.dump(meta, f)
         os.replace(meta_path.with_suffix(".json.partial"), meta_path)
+        remove_stale_caches(path)
     if meta["skipped"] and progress:
         skipped = meta["skipped"]
         names = ", ".join(source.describe(i) for i in skipped[:3]) + (", ..." if len(skipped) > 3 else "")

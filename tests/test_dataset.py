@@ -50,14 +50,15 @@ def test_mnist_cache_equals_the_plain_torchvision_dataset(mnist_dir):
 def test_cache_is_built_once_and_rebuilt_when_the_source_or_size_changes(tmp_path):
     folder = make_image_folder(tmp_path / "images", count=6)
     data = tmp_path / "data"
-    dataset.load_dataset(config_for(folder, data), progress=False)
+    first = dataset.load_dataset(config_for(folder, data), progress=False)
     dataset.load_dataset(config_for(folder, data), progress=False)
     assert len(list((data / "cache").glob("*.npy"))) == 1
     dataset.load_dataset(config_for(folder, data, image_size=8), progress=False)
     assert len(list((data / "cache").glob("*.npy"))) == 2
     Image.new("RGB", (20, 20), "red").save(folder / "new.png")
     grown = dataset.load_dataset(config_for(folder, data), progress=False)
-    assert len(grown) == 7 and len(list((data / "cache").glob("*.npy"))) == 3
+    assert len(grown) == 7 and len(list((data / "cache").glob("*.npy"))) == 2  # the new cache replaced the stale one
+    assert not first.path.exists() and len(list((data / "cache").glob("*.json"))) == 2
     assert not list((data / "cache").glob("*partial*"))
 
 
