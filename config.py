@@ -88,7 +88,7 @@ class TrainingConfig:
 class DataConfig:
     """Where the images come from and how they are loaded."""
 
-    dataset_path: Optional[str] = None  # folder of images for dataset_name=custom (searched recursively)
+    dataset_path: Optional[str] = None  # custom: a folder (searched recursively) or a .zip of images
     data_dir: str = "./data"  # where CIFAR-10/MNIST are downloaded and dataset caches are kept
     num_channels: Literal["auto", "1", "3"] = "auto"  # 1 (greyscale) or 3 (RGB); auto: 1 when every image is greyscale
     random_flip: Optional[bool] = None  # random horizontal flips; auto: on for cifar10 (Ho et al.), off for mnist and custom (mirrored letters)

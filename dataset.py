@@ -1,4 +1,4 @@
-"""Training data: CIFAR-10, MNIST (torchvision) or a folder of images, decoded and resized once.
+"""Training data: CIFAR-10, MNIST (torchvision), or a folder or ZIP of images, decoded and resized once.
 
 Every dataset is turned into a uint8 tensor cache of shape [N, C, image_size, image_size] under
 ``data_dir/cache/``: one file per source, image_size and --num_channels, replaced when the source's content
@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import urllib.error
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import IO, Iterator, Optional
 
 import numpy as np
 import psutil
@@ -68,14 +71,19 @@ def plain_transform(image_size: int, channels: int) -> transforms.Compose:
     ])
 
 
-def decode_file(path: str, image_size: int, channels: int = 3) -> Optional[np.ndarray]:
-    """One image file as uint8 [channels, S, S], or None when it cannot be read (truncated, not an image...)."""
+# What PIL raises for a file that is not a whole image.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def decode_file(file: str | IO[bytes], image_size: int, channels: int = 3) -> Optional[np.ndarray]:
+    """One image (a path, or its bytes as a file) as uint8 [channels, S, S], or None when it cannot be read
+    (truncated, not an image...)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
             image = ImageOps.exif_transpose(image)  # phone photos: stored sideways, shown upright
             image.load()
             pixels = resize_and_crop(image_size)(as_mode(image, channels))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except UNREADABLE:
         return None
     array = np.asarray(pixels, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
@@ -91,12 +99,12 @@ def as_mode(image: Image.Image, channels: int) -> Image.Image:
 GREYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
-def is_greyscale_file(path: Path) -> bool:
-    """Whether the file's mode holds no colour (reads the header only); unreadable files do not count."""
+def is_greyscale_file(file: str | Path | IO[bytes]) -> bool:
+    """Whether the image's mode holds no colour (reads the header only); unreadable files do not count."""
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
             return image.mode in GREYSCALE_MODES
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except UNREADABLE:
         return True
 
 
@@ -118,25 +126,48 @@ def to_model_input(batch: torch.Tensor, random_flip: bool) -> torch.Tensor:
 class Source:
     """A dataset before caching: its images, how to read one, and a fingerprint that changes with them.
 
-    Plain data (no closures), so loader workers can receive it under any multiprocessing start method."""
+    Plain data (no closures, no open files), so loader workers can receive it under any multiprocessing start
+    method: a ZIP is opened again in each process."""
 
-    name: str  # cifar10, mnist or custom
+    name: str  # its kind: cifar10, mnist, folder or zip
     label: str  # how the user knows it, for messages
     identity: str  # what it is, whatever it holds now: its cache for a new content replaces the old one
-    channels: int  # of the images as stored (3 for a folder, which may mix modes); the cache's may differ
-    fingerprint: str  # a new cache is built when this changes
+    channels: int  # of the images as stored (3 for files, which may mix modes); the cache's may differ
+    fingerprint: str  # of what it holds: a new cache is built when this changes
     files: Optional[list[Path]] = None  # a folder's image files
-    root: Optional[Path] = None  # the folder they were found in
+    root: Optional[Path] = None  # the folder they were found in, or the ZIP file
+    members: Optional[list[str]] = None  # the ZIP's image members
     pixels: Optional[np.ndarray] = None  # a torchvision dataset's images: [N,H,W] or [N,H,W,C] uint8
 
     @property
     def count(self) -> int:
-        return len(self.files) if self.files is not None else len(self.pixels)
+        return len(next(items for items in (self.files, self.members, self.pixels) if items is not None))
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_archive"}  # each process opens the ZIP itself
+
+    def archive(self) -> zipfile.ZipFile:
+        """The ZIP, opened once per process: a handle inherited through fork would share its file offset."""
+        pid, archive = self.__dict__.get("_archive", (None, None))
+        if pid != os.getpid():
+            archive = zipfile.ZipFile(self.root)
+            self.__dict__["_archive"] = (os.getpid(), archive)
+        return archive
+
+    def open(self, index: int) -> Optional[str | IO[bytes]]:
+        """Image `index` as a path or as its encoded bytes; None when a ZIP member is damaged."""
+        if self.files is not None:
+            return str(self.files[index])
+        try:
+            return io.BytesIO(self.archive().read(self.members[index]))
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError):  # bad CRC or data, encrypted
+            return None
 
     def read(self, index: int, image_size: int, channels: int) -> Optional[np.ndarray]:
-        """Image `index` as uint8 [channels, S, S], or None when its file cannot be read."""
-        if self.files is not None:
-            return decode_file(str(self.files[index]), image_size, channels)
+        """Image `index` as uint8 [channels, S, S], or None when it cannot be read."""
+        if self.pixels is None:
+            file = self.open(index)
+            return None if file is None else decode_file(file, image_size, channels)
         image = Image.fromarray(self.pixels[index])
         if channels != self.channels:
             image = as_mode(image, channels)
@@ -147,16 +178,24 @@ class Source:
         """The cache's channel count and why: as asked, else 1 for greyscale data, 3 for colour."""
         if requested != "auto":
             return int(requested), f"--num_channels {requested}"
-        if self.files is None:
+        if self.pixels is not None:
             return self.channels, "greyscale data" if self.channels == 1 else "colour data"
-        colour = next((f for f in self.files if not is_greyscale_file(f)), None)
+        colour = next((i for i in range(self.count) if not self.is_greyscale(i)), None)
         if colour is None:
             return 1, "every image is greyscale; --num_channels 3 keeps RGB"
-        return 3, f"colour images such as {colour.relative_to(self.root)}"
+        return 3, f"colour images such as {self.describe(colour)}"
+
+    def is_greyscale(self, index: int) -> bool:
+        file = self.open(index)
+        return file is None or is_greyscale_file(file)
 
     def describe(self, index: int) -> str:
-        """Image `index` as the user knows it (its file), for warnings."""
-        return str(self.files[index].relative_to(self.root)) if self.files is not None else f"#{index}"
+        """Image `index` as the user knows it (its file or member), for warnings."""
+        if self.files is not None:
+            return str(self.files[index].relative_to(self.root))
+        if self.members is not None:
+            return self.members[index]
+        return f"#{index}"
 
 
 def _download_error(name: str, data_dir: str, error: Exception) -> UserError:
@@ -190,20 +229,43 @@ def find_images(folder: str) -> list[Path]:
     return files
 
 
-def _folder_source(folder: Optional[str]) -> Source:
-    if not folder:
-        raise UserError("dataset_name custom needs a folder of images: pass --dataset_path DIR")
+def _folder_source(folder: str) -> Source:
     files = find_images(folder)
     listing = "\n".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in files)
     fingerprint = hashlib.sha1(listing.encode()).hexdigest()
     root = Path(folder).expanduser()
-    return Source("custom", str(folder), f"folder|{root.resolve()}", 3, fingerprint, files=files, root=root)
+    return Source("folder", str(folder), f"folder|{root.resolve()}", 3, fingerprint, files=files, root=root)
+
+
+def _zip_source(path: Path) -> Source:
+    """The images inside a ZIP, read in place (as NVlabs EDM's dataset_tool does), sub-folders included."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")
+                       and Path(m.filename).suffix.lower() in IMAGE_EXTENSIONS]  # __MACOSX/: Finder metadata
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"dataset_path {path} is not a readable ZIP archive ({e}); pass a folder or a .zip of "
+                        f"images") from None
+    if not members:
+        raise UserError(f"dataset_path {path} holds no images ({', '.join(IMAGE_EXTENSIONS)}, in any folder of the "
+                        f"ZIP); add some or point --dataset_path elsewhere")
+    members.sort(key=lambda m: m.filename)
+    listing = "\n".join(f"{m.filename}\t{m.file_size}\t{m.CRC}" for m in members)
+    return Source("zip", str(path), f"zip|{path.resolve()}", 3, hashlib.sha1(listing.encode()).hexdigest(),
+                  root=path, members=[m.filename for m in members])
+
+
+def _custom_source(dataset_path: Optional[str]) -> Source:
+    if not dataset_path:
+        raise UserError("dataset_name custom needs images: pass --dataset_path DIR (a folder, or a .zip of images)")
+    path = Path(dataset_path).expanduser()
+    return _zip_source(path) if path.is_file() and zipfile.is_zipfile(path) else _folder_source(dataset_path)
 
 
 def open_source(cfg: Config) -> Source:
     name = cfg.training.dataset_name
     if name == "custom":
-        return _folder_source(cfg.data.dataset_path)
+        return _custom_source(cfg.data.dataset_path)
     return _torchvision_source(name, cfg.data.data_dir)
 
 
@@ -322,7 +384,7 @@ def load_dataset(cfg: Config, progress: bool = True) -> ImageCache:
             raise UserError(f"cannot write the dataset cache under --data_dir {cfg.data.data_dir} ({e.strerror}); "
                             f"pass a writable --data_dir") from None
         channels, why = source.choose_channels(requested)
-        workers = min(4, os.cpu_count() or 1) if source.name == "custom" else 0
+        workers = min(4, os.cpu_count() or 1) if source.pixels is None else 0  # files to decode: in parallel
         meta = {**build_cache(source, size, channels, path, workers, progress), "channels_reason": why}
         with open(meta_path.with_suffix(".json.partial"), "w") as f:
             json.dump(meta, f)

@@ -1,4 +1,4 @@
-"""Train a DDPM (diffusers UNet2DModel + DDPMScheduler) on CIFAR-10, MNIST or a folder of images.
+"""Train a DDPM (diffusers UNet2DModel + DDPMScheduler) on CIFAR-10, MNIST or a folder or ZIP of images.
 
     python train_ddpm.py                                   # README defaults (config.py)
     python train_ddpm.py --dataset_name mnist --image_size 32 --num_epochs 5
@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -102,10 +103,11 @@ def validate(cfg: Config) -> None:
     if t.freeze_down_blocks and not t.pretrained_model_path:
         raise UserError("--freeze_down_blocks needs --pretrained_model_path (freezing untrained weights is pointless)")
     if t.dataset_name == "custom" and not cfg.data.dataset_path:
-        raise UserError("--dataset_name custom needs a folder of images: pass --dataset_path DIR")
-    if t.dataset_name == "custom" and not Path(cfg.data.dataset_path).expanduser().is_dir():
-        raise UserError(f"dataset_path {cfg.data.dataset_path} is not a folder; pass --dataset_path pointing at "
-                        f"your images")
+        raise UserError("--dataset_name custom needs --dataset_path: a folder or .zip of images")
+    images = Path(cfg.data.dataset_path or "").expanduser()
+    if t.dataset_name == "custom" and not (images.is_dir() or images.is_file() and zipfile.is_zipfile(images)):
+        raise UserError(f"dataset_path {cfg.data.dataset_path} is not a folder or a ZIP archive; pass --dataset_path "
+                        f"pointing at your images")
     if t.resume_from_checkpoint and t.pretrained_model_path:
         raise UserError("--resume_from_checkpoint and --pretrained_model_path exclude each other; pick one")
     if t.pretrained_model_path:  # the architecture comes from the pretrained model, checked when it loads
