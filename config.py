@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Literal, Optional
 
 Auto = Literal["auto"]  # a field typed `float | Auto` takes a number or "auto" (chosen by the script)
-Dataset = Literal["cifar10", "mnist", "custom"]
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 LRSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 # Samplers that are correct in sampling.sample_images (NOTES.md lists the diffusers ones that are not drop-in).
@@ -46,7 +45,7 @@ class UserError(Exception):
 class TrainingConfig:
     """How to train: data choice, optimisation, outputs, checkpoints, previews."""
 
-    dataset_name: Dataset = "cifar10"  # which data to train on
+    dataset_name: str = "cifar10"  # cifar10, mnist, custom (images in --dataset_path), parquet (files in --dataset_path), a Hugging Face Hub dataset id (user/name) or a folder written by save_to_disk
     image_size: int = 64  # side of the square training images, in pixels
     train_batch_size: int = 16  # images per process per micro-step
     num_epochs: int = 100  # passes over the data
@@ -88,10 +87,13 @@ class TrainingConfig:
 class DataConfig:
     """Where the images come from and how they are loaded."""
 
-    dataset_path: Optional[str] = None  # custom: a folder (searched recursively) or a .zip of images
-    data_dir: str = "./data"  # where CIFAR-10/MNIST are downloaded and dataset caches are kept
+    dataset_path: Optional[str] = None  # custom: a folder (searched recursively) or a .zip of images; parquet: a .parquet file, a folder of them or a glob
+    dataset_config_name: Optional[str] = None  # Hugging Face Hub datasets: the configuration (subset), for datasets that have several
+    dataset_split: str = "train"  # Hugging Face datasets: the split to train on
+    image_column: Optional[str] = None  # Hugging Face datasets: the column of images (or of their paths); none: the first column of type Image
+    data_dir: str = "./data"  # where CIFAR-10/MNIST are downloaded and dataset caches are kept (Hub datasets: the datasets library's own cache)
     num_channels: Literal["auto", "1", "3"] = "auto"  # 1 (greyscale) or 3 (RGB); auto: 1 when every image is greyscale
-    random_flip: Optional[bool] = None  # random horizontal flips; auto: on for cifar10 (Ho et al.), off for mnist and custom (mirrored letters)
+    random_flip: Optional[bool] = None  # random horizontal flips; auto: on for cifar10 (Ho et al.), off for the rest (mirrored letters)
     dataloader_num_workers: int = -1  # loader processes; -1: none for in-memory data, up to 4 for large data
 
 

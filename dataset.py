@@ -1,4 +1,5 @@
-"""Training data: CIFAR-10, MNIST (torchvision), or a folder or ZIP of images, decoded and resized once.
+"""Training data: CIFAR-10, MNIST (torchvision), a folder or ZIP of images, or a Hugging Face dataset (a Hub id,
+a folder written by save_to_disk, or parquet files), decoded and resized once.
 
 Every dataset is turned into a uint8 tensor cache of shape [N, C, image_size, image_size] under
 ``data_dir/cache/``: one file per source, image_size and --num_channels, replaced when the source's content
@@ -10,10 +11,12 @@ Scaling to [-1, 1] and random flips happen on the training device (``to_model_in
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import io
 import json
 import os
+import re
 import urllib.error
 import zipfile
 import zlib
@@ -127,9 +130,10 @@ class Source:
     """A dataset before caching: its images, how to read one, and a fingerprint that changes with them.
 
     Plain data (no closures, no open files), so loader workers can receive it under any multiprocessing start
-    method: a ZIP is opened again in each process."""
+    method: a ZIP is opened again in each process, and a Hugging Face dataset pickles as the paths of its
+    memory-mapped Arrow files, which each worker maps again (the library's own way to reach DataLoader workers)."""
 
-    name: str  # its kind: cifar10, mnist, folder or zip
+    name: str  # its kind: cifar10, mnist, folder, zip or hf
     label: str  # how the user knows it, for messages
     identity: str  # what it is, whatever it holds now: its cache for a new content replaces the old one
     channels: int  # of the images as stored (3 for files, which may mix modes); the cache's may differ
@@ -138,10 +142,12 @@ class Source:
     root: Optional[Path] = None  # the folder they were found in, or the ZIP file
     members: Optional[list[str]] = None  # the ZIP's image members
     pixels: Optional[np.ndarray] = None  # a torchvision dataset's images: [N,H,W] or [N,H,W,C] uint8
+    table: Optional[object] = None  # a datasets.Dataset of the image column alone, left encoded (decode=False)
+    column: Optional[str] = None  # that column's name
 
     @property
     def count(self) -> int:
-        return len(next(items for items in (self.files, self.members, self.pixels) if items is not None))
+        return len(next(items for items in (self.files, self.members, self.pixels, self.table) if items is not None))
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_archive"}  # each process opens the ZIP itself
@@ -155,13 +161,18 @@ class Source:
         return archive
 
     def open(self, index: int) -> Optional[str | IO[bytes]]:
-        """Image `index` as a path or as its encoded bytes; None when a ZIP member is damaged."""
+        """Image `index` as a path or as its encoded bytes; None when a ZIP member or a row holds none."""
         if self.files is not None:
             return str(self.files[index])
-        try:
-            return io.BytesIO(self.archive().read(self.members[index]))
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError):  # bad CRC or data, encrypted
+        if self.members is not None:
+            try:
+                return io.BytesIO(self.archive().read(self.members[index]))
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError):  # bad CRC or data, encrypted
+                return None
+        stored = self.table[index][self.column]  # {"bytes": ..., "path": ...}, as the dataset holds it
+        if not stored:
             return None
+        return io.BytesIO(stored["bytes"]) if stored["bytes"] is not None else stored["path"]
 
     def read(self, index: int, image_size: int, channels: int) -> Optional[np.ndarray]:
         """Image `index` as uint8 [channels, S, S], or None when it cannot be read."""
@@ -190,12 +201,12 @@ class Source:
         return file is None or is_greyscale_file(file)
 
     def describe(self, index: int) -> str:
-        """Image `index` as the user knows it (its file or member), for warnings."""
+        """Image `index` as the user knows it (its file, member or row), for warnings."""
         if self.files is not None:
             return str(self.files[index].relative_to(self.root))
         if self.members is not None:
             return self.members[index]
-        return f"#{index}"
+        return f"row {index}" if self.table is not None else f"#{index}"
 
 
 def _download_error(name: str, data_dir: str, error: Exception) -> UserError:
@@ -262,11 +273,138 @@ def _custom_source(dataset_path: Optional[str]) -> Source:
     return _zip_source(path) if path.is_file() and zipfile.is_zipfile(path) else _folder_source(dataset_path)
 
 
+# --dataset_name values with a meaning of their own; anything else is a save_to_disk folder or a Hub dataset id.
+BUILTIN_DATASETS = ("cifar10", "mnist", "custom", "parquet")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def source_kind(name: str) -> str:
+    """What --dataset_name names: one of BUILTIN_DATASETS, "disk" (an existing path: a folder written by
+    save_to_disk) or "hub" (a Hugging Face Hub dataset id)."""
+    if name in BUILTIN_DATASETS:
+        return name
+    if Path(name).expanduser().exists():
+        return "disk"
+    if HUB_ID.fullmatch(name) and ".." not in name:
+        return "hub"
+    raise UserError(f"--dataset_name {name} is not cifar10, mnist, custom or parquet, nor an existing folder "
+                    f"written by save_to_disk, nor a Hugging Face Hub dataset id (user/name)")
+
+
+def _one_line(error: Exception, limit: int = 240) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _import_datasets():
+    try:
+        import datasets  # only for these sources: it takes a second and a half to import
+    except ImportError:
+        raise UserError("Hugging Face datasets need the datasets package: pip install datasets (it is in "
+                        "requirements.txt)") from None
+    return datasets
+
+
+def parquet_files(pattern: Optional[str]) -> list[str]:
+    """--dataset_path for parquet: a file, a folder (searched recursively) or a glob such as 'data/*.parquet'."""
+    if not pattern:
+        raise UserError("dataset_name parquet needs --dataset_path: a .parquet file, a folder of them or a glob "
+                        "such as 'data/*.parquet'")
+    path = Path(pattern).expanduser()
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else sorted(glob.glob(str(path), recursive=True))
+    files = [str(f) for f in files if Path(f).is_file()]
+    if not files:
+        raise UserError(f"dataset_path {pattern} matches no parquet files; pass a .parquet file, a folder of them "
+                        f"or a glob such as 'data/*.parquet' (quoted)")
+    return files
+
+
+def _split_error(split: str, where: str, splits) -> UserError:
+    splits = ", ".join(map(str, splits))
+    return UserError(f"--dataset_split {split}: {where} has no such split; its splits: {splits}")
+
+
+def _load_hf_split(cfg: Config, kind: str, datasets):
+    """The split asked for, loaded as the datasets library loads it (memory-mapped Arrow)."""
+    name, data = cfg.training.dataset_name, cfg.data
+    split = data.dataset_split
+    if kind == "disk":
+        if data.dataset_config_name:
+            raise UserError(f"--dataset_config_name is for Hub datasets; {name} is a folder written by "
+                            f"save_to_disk, which holds one configuration")
+        try:
+            loaded = datasets.load_from_disk(str(Path(name).expanduser()))
+        except FileNotFoundError:
+            raise UserError(f"--dataset_name {name} is a path but not a dataset written by save_to_disk; for a "
+                            f"folder or .zip of images pass --dataset_name custom --dataset_path {name}") from None
+        if not isinstance(loaded, datasets.DatasetDict):
+            return loaded  # a single split was saved
+        if split not in loaded:
+            raise _split_error(split, name, loaded)
+        return loaded[split]
+    where = f"parquet files {data.dataset_path}" if kind == "parquet" else name
+    files = parquet_files(data.dataset_path) if kind == "parquet" else None
+    try:
+        if files:
+            return datasets.load_dataset("parquet", data_files=files, split=split)
+        return datasets.load_dataset(name, data.dataset_config_name, split=split)
+    except (ConnectionError, FileNotFoundError) as e:  # offline, unreachable, or no such dataset
+        if files:
+            raise UserError(f"cannot load {where}: {_one_line(e)}") from None
+        raise UserError(
+            f"cannot load the Hub dataset {name} ({_one_line(e)}); check the id, or on a machine with internet run "
+            f"datasets.load_dataset('{name}').save_to_disk('DIR'), copy DIR here and pass --dataset_name DIR, or "
+            f"train on a local folder with --dataset_name custom --dataset_path DIR") from None
+    except ValueError as e:
+        splits = re.search(r'Unknown split "[^"]*"\. Should be one of \[(.*)\]', str(e))
+        if splits:
+            raise _split_error(split, where, [s.strip(" '\"") for s in splits.group(1).split(",")]) from None
+        hint = "; pick one with --dataset_config_name" if "config" in str(e).lower() else ""
+        raise UserError(f"cannot load {where}: {_one_line(e)}{hint}") from None  # also a damaged parquet file
+    except datasets.exceptions.DatasetsError as e:
+        raise UserError(f"cannot load {where}: {_one_line(e)}") from None
+
+
+def _image_column(ds, wanted: Optional[str], where: str, datasets) -> tuple[str, object]:
+    """The column of images and the dataset reduced to it, left encoded: named, else the first of type Image."""
+    columns = ", ".join(f"{c} ({type(f).__name__})" for c, f in ds.features.items())
+    if wanted is None:
+        wanted = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+        if wanted is None:
+            raise UserError(f"{where} has no image column (its columns: {columns}); name the column that holds "
+                            f"images or their paths with --image_column")
+    elif wanted not in ds.column_names:
+        raise UserError(f"--image_column {wanted}: {where} has no such column; its columns: {columns}")
+    try:  # an Image column as it is; a column of paths or bytes becomes one
+        return wanted, ds.select_columns([wanted]).cast_column(wanted, datasets.Image(decode=False))
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise UserError(f"--image_column {wanted} does not hold images ({_one_line(e, 120)}); its columns: "
+                        f"{columns}") from None
+
+
+def _hf_source(cfg: Config, kind: str) -> Source:
+    datasets = _import_datasets()
+    ds = _load_hf_split(cfg, kind, datasets)
+    name, data = cfg.training.dataset_name, cfg.data
+    if kind == "parquet":
+        where, identity = f"parquet files {data.dataset_path}", str(Path(data.dataset_path).expanduser().absolute())
+    elif kind == "disk":
+        where, identity = name, str(Path(name).expanduser().resolve())
+    else:
+        where, identity = name, f"{name}|{data.dataset_config_name}"
+    column, table = _image_column(ds, data.image_column, f"{where} (split {data.dataset_split})", datasets)
+    return Source("hf", f"{where} (split {data.dataset_split}, column {column})",
+                  f"hf|{kind}|{identity}|{data.dataset_split}|{column}", 3, ds._fingerprint, table=table,
+                  column=column)
+
+
 def open_source(cfg: Config) -> Source:
-    name = cfg.training.dataset_name
-    if name == "custom":
+    kind = source_kind(cfg.training.dataset_name)
+    if kind == "custom":
         return _custom_source(cfg.data.dataset_path)
-    return _torchvision_source(name, cfg.data.data_dir)
+    if kind in ("cifar10", "mnist"):
+        return _torchvision_source(kind, cfg.data.data_dir)
+    return _hf_source(cfg, kind)
 
 
 # ---------------------------------------------------------------------------------------------------

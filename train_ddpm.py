@@ -1,4 +1,5 @@
-"""Train a DDPM (diffusers UNet2DModel + DDPMScheduler) on CIFAR-10, MNIST or a folder or ZIP of images.
+"""Train a DDPM (diffusers UNet2DModel + DDPMScheduler) on CIFAR-10, MNIST, a folder or ZIP of images, or a
+Hugging Face dataset (Hub id, save_to_disk folder or parquet files).
 
     python train_ddpm.py                                   # README defaults (config.py)
     python train_ddpm.py --dataset_name mnist --image_size 32 --num_epochs 5
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 import config as config_module
 from config import Config, DataConfig, ModelConfig, SchedulerConfig, TrainingConfig, UserError
-from dataset import load_dataset, make_dataloader, to_model_input
+from dataset import load_dataset, make_dataloader, source_kind, to_model_input
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(epoch|step)-(\d+)$")
 RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png")
@@ -102,10 +103,12 @@ def validate(cfg: Config) -> None:
                         f"{s.num_train_timesteps} training timesteps; lower it")
     if t.freeze_down_blocks and not t.pretrained_model_path:
         raise UserError("--freeze_down_blocks needs --pretrained_model_path (freezing untrained weights is pointless)")
-    if t.dataset_name == "custom" and not cfg.data.dataset_path:
-        raise UserError("--dataset_name custom needs --dataset_path: a folder or .zip of images")
+    kind = source_kind(t.dataset_name)
+    if kind in ("custom", "parquet") and not cfg.data.dataset_path:
+        what = "a folder or .zip of images" if kind == "custom" else "a .parquet file, a folder of them or a glob"
+        raise UserError(f"--dataset_name {kind} needs --dataset_path: {what}")
     images = Path(cfg.data.dataset_path or "").expanduser()
-    if t.dataset_name == "custom" and not (images.is_dir() or images.is_file() and zipfile.is_zipfile(images)):
+    if kind == "custom" and not (images.is_dir() or images.is_file() and zipfile.is_zipfile(images)):
         raise UserError(f"dataset_path {cfg.data.dataset_path} is not a folder or a ZIP archive; pass --dataset_path "
                         f"pointing at your images")
     if t.resume_from_checkpoint and t.pretrained_model_path:

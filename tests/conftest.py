@@ -27,8 +27,8 @@ TINY_RUN = TINY_MODEL + ["--train_batch_size", "4", "--sample_num_inference_step
 def cli_env() -> dict[str, str]:
     """The environment of every CLI run in the tests: offline, no GPU, quiet."""
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", TQDM_DISABLE="1",
-               OMP_NUM_THREADS="1", http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
+               TQDM_DISABLE="1", OMP_NUM_THREADS="1", http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
                HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
     return env
 

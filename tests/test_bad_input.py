@@ -225,7 +225,7 @@ def test_decode_file_returns_none_for_unreadable_files(tmp_path):
     (TINY_MODEL + ["--block_out_channels", "16", "32", "64"], ["same length", "3, 2 and 2"]),
     (TINY_MODEL + ["--up_block_types", "UpBlock2D"], ["same length", "2, 2 and 1"]),
     (TINY_MODEL + ["--norm_num_groups", "12"], ["--norm_num_groups 12", "does not divide"]),
-    (["--dataset_name", "imagenet"], ["--dataset_name", "invalid choice", "custom"]),
+    (["--dataset_name", "../imagenet"], ["--dataset_name ../imagenet", "custom", "save_to_disk", "Hub dataset id"]),
     (["--mixed_precision", "fp8"], ["--mixed_precision", "invalid choice", "bf16"]),
     (["--lr_scheduler", "exponential"], ["--lr_scheduler", "invalid choice", "cosine"]),
     (["--sample_scheduler", "plms"], ["--sample_scheduler", "invalid choice", "ddim"]),

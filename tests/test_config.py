@@ -85,7 +85,7 @@ def test_a_saved_config_json_round_trips_without_its_per_run_fields(tmp_path):
     ("{not json", ["not valid JSON"]),
     ('{"lerning_rate": 1}', ["unknown key 'lerning_rate'", "learning_rate"]),
     ('{"num_epochs": "ten"}', ["num_epochs"]),
-    ('{"dataset_name": "imagenet"}', ["dataset_name", "cifar10"]),
+    ('{"dataset_name": "~/no such folder"}', ["dataset_name", "cifar10", "Hub dataset id"]),
 ])
 def test_bad_config_files_are_named(tmp_path, content, words):
     path = tmp_path / "bad.json"
