@@ -142,7 +142,7 @@ def parse(argv: list[str]):
     (["--lerning-rate=1e-3"], ["did you mean --learning_rate?"]),
     (["--image_size", "big"], ["--image_size", "invalid int value"]),
     (["--learning_rate", "fast"], ["--learning_rate", "invalid float value"]),
-    (["--dataset_name", "imagenet"], ["--dataset_name", "invalid choice", "cifar10"]),
+    (["--num_channels", "2"], ["--num_channels", "invalid choice", "auto"]),
     (["--model_preset", "huge"], ["--model_preset", "invalid choice", "ddpm-cifar10"]),
     (["--block_out_channels"], ["--block_out_channels", "expected at least one argument"]),
 ])
