@@ -36,7 +36,7 @@ def validate(cfg: InferenceConfig) -> None:
         raise UserError("--model_path is required: pass the final_model/ folder that train_ddpm.py wrote")
     minimum = dict(num_images=(cfg.num_images, 1), interp_steps=(cfg.interp_steps, 2),
                    num_inference_steps=(cfg.num_inference_steps, 1), batch_size=(cfg.batch_size, 1),
-                   grid_size=(1 if cfg.grid_size is None else cfg.grid_size, 1))
+                   grid_size=(1 if cfg.grid_size is None else cfg.grid_size, 1), display_size=(cfg.display_size, 0))
     for name, (value, least) in minimum.items():
         if value < least:
             raise UserError(f"--{name} must be at least {least}, got {value}")
@@ -120,7 +120,7 @@ def generate_images(cfg: InferenceConfig, unet, trained_schedule, dtype, out: Pa
         name = f"seed{seed:06d}.png"
         save_png(image, out / name)
         files.append({"file": name, "seed": seed})
-    save_grid(images, out / "grid.png", cfg.grid_size)
+    save_grid(images, out / "grid.png", cfg.grid_size, display_size=cfg.display_size)
     write_manifest(out, cfg, cfg.scheduler, files, {"grid": "grid.png"})
     print(f"wrote {len(images)} images, grid.png and manifest.json to {out}")
 
@@ -147,8 +147,8 @@ def interpolate(cfg: InferenceConfig, unet, trained_schedule, dtype, out: Path) 
         name = f"frame_{k:03d}.png"
         save_png(frame, out / name)
         files.append({"file": name, "t": fraction, "start_seed": cfg.start_seed, "end_seed": cfg.end_seed})
-    save_grid(frames, out / "interpolation_strip.png", columns=len(frames))
-    save_gif(frames, out / "interpolation.gif", cfg.fps)
+    save_grid(frames, out / "interpolation_strip.png", columns=len(frames), display_size=cfg.display_size)
+    save_gif(frames, out / "interpolation.gif", cfg.fps, display_size=cfg.display_size)
     write_manifest(out, cfg, cfg.interp_scheduler, files,
                    {"strip": "interpolation_strip.png", "gif": "interpolation.gif", "fps": cfg.fps})
     print(f"wrote {len(frames)} frames, interpolation_strip.png and interpolation.gif to {out}")

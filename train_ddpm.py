@@ -87,7 +87,7 @@ def validate(cfg: Config) -> None:
     in_range = dict(lr_warmup_steps=(t.lr_warmup_steps, 0, None), adam_weight_decay=(t.adam_weight_decay, 0, None),
                     max_grad_norm=(t.max_grad_norm, 0, None), adam_beta1=(t.adam_beta1, 0, 1),
                     adam_beta2=(t.adam_beta2, 0, 1), dropout=(m.dropout, 0, 1), ema_max_decay=(t.ema_max_decay, 0, 1),
-                    beta_end=(s.beta_end, s.beta_start, 1))
+                    beta_end=(s.beta_end, s.beta_start, 1), display_size=(t.display_size, 0, None))
     for name, (value, low, high) in in_range.items():  # low <= value < high
         if not (value >= low and (high is None or value < high)):
             bounds = f"at least {low}" if high is None else f"in [{low}, {high})"
@@ -460,8 +460,8 @@ def draw_previews(accelerator, unet, ema, cfg: Config, noise_scheduler, path: Pa
             images = generate(unet, sampler, seeds, cfg.training.sample_num_inference_steps,
                               batch_size=cfg.training.num_preview_images, desc=f"preview {path.name}")
             unet.train()
-        save_grid(images, path)
-        writer.add_image(tag, image_grid(images), step)
+        save_grid(images, path, display_size=cfg.training.display_size)
+        writer.add_image(tag, image_grid(images), step)  # native size: TensorBoard zooms itself
     accelerator.wait_for_everyone()
 
 
@@ -564,7 +564,7 @@ def train(cfg: Config) -> int:
         writer.add_text("config", "```\n" + json.dumps(record, indent=2, default=str) + "\n```", progress.global_step)
         if not resume_from:
             first = torch.stack([dataset[i] for i in range(min(len(dataset), t.num_preview_images))])
-            save_grid(first.float() / 255, out / "sample_training_data.png")
+            save_grid(first.float() / 255, out / "sample_training_data.png", display_size=t.display_size)
             writer.add_images("training_data", first.float() / 255, 0)
             log_graph(writer, unet, channels, t.image_size)
         print(f"training on {len(dataset)} images, {accelerator.num_processes} process(es) on {device.type}, "

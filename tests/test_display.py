@@ -1,0 +1,90 @@
+"""What a person sees: pictures scaled up to look at (data files kept native)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import inference
+import sampling
+import train_ddpm
+from config import UserError
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread, as the CLI runs in the tests (OMP_NUM_THREADS=1): on a loaded 2-core machine two
+    OpenMP threads spin against each other and made the interpolation below 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def as_uint8(image: torch.Tensor) -> np.ndarray:
+    return (image * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scaling up for display
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side, factor", [(16, 16), (32, 8), (64, 4), (100, 3), (256, 1), (300, 1), (5000, 1)])
+def test_display_factor_is_the_integer_that_reaches_display_size_and_never_shrinks(side, factor):
+    assert sampling.display_factor(side, 256) == factor
+    assert sampling.display_factor(side, 0) == 1, "display_size 0 keeps the native size"
+
+
+def test_for_display_repeats_each_pixel_and_keeps_greyscale():
+    images = torch.rand(2, 1, 5, 5)
+    big = sampling.for_display(images, 20)
+    assert big.shape == (2, 1, 20, 20)
+    assert torch.equal(big, F.interpolate(images, scale_factor=4, mode="nearest"))
+    assert sampling.for_display(images, 0) is images
+
+
+def test_grid_cells_are_scaled_up_and_a_greyscale_grid_stays_grey(tmp_path):
+    images = torch.rand(16, 1, 32, 32)
+    sampling.save_grid(images, tmp_path / "grid.png", display_size=256)
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.mode == "L"
+    assert grid.size == (2 + 4 * (256 + 2), 2 + 4 * (256 + 2))  # 4x4 cells of 32 px shown at 8x
+    cell = np.asarray(grid)[2:258, 2 + 258:2 + 258 + 256]  # the second image of the first row
+    assert np.array_equal(cell, np.kron(as_uint8(images[1, 0]), np.ones((8, 8), dtype=np.uint8)))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_grid_of_many_images_is_scaled_up_less_to_stay_within_4096_px(tmp_path):
+    # 900 images of 32 px in 30 columns: 8x would make a 7742 px square, so the factor drops to 4.
+    assert sampling.display_factor(32, 256, cells_across=30) == 4
+    images = torch.linspace(0, 1, 900).view(900, 1, 1, 1).expand(900, 3, 32, 32)
+    sampling.save_grid(images, tmp_path / "many.png", display_size=256)
+    width, height = Image.open(tmp_path / "many.png").size
+    assert width == height == 2 + 30 * (4 * 32 + 2) <= sampling.MAX_DISPLAY_SIDE
+
+
+def test_the_gif_shows_big_greyscale_frames_and_loops(tmp_path):
+    frames = torch.rand(3, 1, 16, 16)
+    sampling.save_gif(frames, tmp_path / "a.gif", fps=4, display_size=256)
+    with Image.open(tmp_path / "a.gif") as gif:
+        assert gif.n_frames == 3 and gif.size == (256, 256) and gif.info["loop"] == 0
+        rgb = np.asarray(gif.convert("RGB"))
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all(), "grey stays grey"
+
+
+def test_training_grids_are_scaled_up(trained_run):
+    out, _ = trained_run
+    for name in ("sample_training_data.png", "samples_epoch_1.png", "final_samples.png"):
+        assert Image.open(out / name).size == (2 + 2 * (256 + 2),) * 2, name  # 4 images of 16 px at 16x
+
+
+def test_display_size_is_a_checked_flag_of_both_scripts():
+    assert train_ddpm.parse_config(["--display_size", "0"])[0].training.display_size == 0
+    assert inference.parse_config(["--model_path", "some/final_model", "--display_size", "0"]).display_size == 0
+    for parse, argv in ((train_ddpm.parse_config, []), (inference.parse_config, ["--model_path", "some/final_model"])):
+        with pytest.raises(UserError, match="--display_size must be at least 0"):
+            parse([*argv, "--display_size", "-1"])
