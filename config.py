@@ -131,7 +131,7 @@ class InferenceConfig:
 
     model_path: Optional[str] = None  # a final_model/ folder (a diffusers DDPMPipeline)
     num_images: int = 16  # images to generate
-    num_inference_steps: int = 1000  # denoising steps (more: better and slower)
+    num_inference_steps: Optional[int] = None  # denoising steps; None: the sampler's default (ddpm 1000, the others 50)
     seed: int = 0  # image i is drawn from seed + i, whatever the batch size
     grid_size: Optional[int] = None  # images per grid row; None: as square as the count allows
     batch_size: int = 16  # images per forward pass (halved automatically on out-of-memory)

@@ -1,6 +1,9 @@
-"""What a person sees: pictures scaled up to look at (data files kept native)."""
+"""What a person sees: pictures scaled up to look at (data files kept native), and the denoising steps each
+sampler takes by default."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -88,3 +91,44 @@ def test_display_size_is_a_checked_flag_of_both_scripts():
     for parse, argv in ((train_ddpm.parse_config, []), (inference.parse_config, ["--model_path", "some/final_model"])):
         with pytest.raises(UserError, match="--display_size must be at least 0"):
             parse([*argv, "--display_size", "-1"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Denoising steps: the sampler's default unless given
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, trained, steps", [
+    ([], 1000, 1000),
+    ([], 500, 500),  # ddpm takes every training timestep the model has
+    (["--scheduler", "ddim"], 1000, 50),
+    (["--scheduler", "dpmsolver++"], 1000, 50),
+    (["--scheduler", "heun"], 20, 20),
+    (["--interpolate"], 1000, 50),  # interp_scheduler ddim
+    (["--interpolate", "--interp_scheduler", "ddpm"], 1000, 1000),
+    (["--scheduler", "ddim", "--num_inference_steps", "7"], 1000, 7),
+    (["--interpolate", "--num_inference_steps", "1000"], 1000, 1000),
+    (["--num_inference_steps", "none", "--scheduler", "unipc"], 1000, 50),
+])
+def test_inference_steps_are_the_samplers_default_unless_given(flags, trained, steps):
+    cfg = inference.parse_config(["--model_path", "some/final_model", *flags])
+    assert inference.inference_steps(cfg, trained) == steps
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_interpolation_defaults_to_50_ddim_steps_and_only_the_pictures_are_scaled(trained_run, tmp_path):
+    out, _ = trained_run
+    dest = tmp_path / "interp"
+    assert inference.main(["--model_path", str(out / "final_model"), "--interpolate", "--interp_steps", "3",
+                           "--output_dir", str(dest)]) == 0
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["scheduler"] == "ddim"
+    assert manifest["num_inference_steps"] == 50 and manifest["num_inference_steps_default"] is True
+    for entry in manifest["files"]:
+        assert Image.open(dest / entry["file"]).size == (16, 16), "frame PNGs are data: native size"
+    with Image.open(dest / "interpolation.gif") as gif:
+        assert gif.n_frames == 3 and gif.size == (256, 256) and gif.info["loop"] == 0
+        first = np.asarray(gif.convert("RGB"))
+    assert np.array_equal(first, np.kron(first[::16, ::16], np.ones((16, 16, 1), dtype=np.uint8))), \
+        "every model pixel is a 16x16 block"
+    assert Image.open(dest / "interpolation_strip.png").size == (2 + 3 * (256 + 2), 256 + 4)

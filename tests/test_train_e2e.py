@@ -64,6 +64,7 @@ def test_inference_generates_images_addressed_by_seed(trained_run, tmp_path):
     manifest = json.loads((dest / "manifest.json").read_text())
     assert [f["seed"] for f in manifest["files"]] == [42, 43, 44, 45, 46]
     assert manifest["scheduler"] == "ddpm" and manifest["num_inference_steps"] == 5
+    assert manifest["num_inference_steps_default"] is False
     for entry in manifest["files"]:
         assert Image.open(dest / entry["file"]).size == (16, 16)  # data: native size
     assert Image.open(dest / "grid.png").size == (2 + 3 * 258, 2 + 2 * 258)  # 3 per row, 2 rows, shown at 16x
@@ -80,6 +81,8 @@ def test_inference_interpolation_writes_frames_strip_and_gif(trained_run, tmp_pa
     assert gif.shape[:3] == (6, 256, 256)
     assert iio.immeta(dest / "interpolation.gif")["loop"] == 0
     assert Image.open(dest / "interpolation_strip.png").size == (2 + 6 * 258, 258 + 2)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["num_inference_steps"] == 5 and manifest["num_inference_steps_default"] is False
 
 
 def test_interpolation_is_smooth_on_a_briefly_trained_model(image_folder, tmp_path):
