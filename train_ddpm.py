@@ -35,6 +35,7 @@ from dataset import load_dataset, make_dataloader, to_model_input
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(epoch|step)-(\d+)$")
 RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png")
 EXIT_USER_ERROR, EXIT_NONFINITE = 2, 3
+LONG_CPU_RUN_S = 3600  # a CPU run estimated to take longer gets a hint towards a small preset
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -481,6 +482,24 @@ def save_final_model(accelerator, unet, ema, noise_scheduler, out: Path, record:
     accelerator.wait_for_everyone()
 
 
+def precision_name(precision: str) -> str:
+    """accelerate's mixed_precision value as a person reads it: fp32, bf16 or fp16."""
+    return "fp32" if precision == "no" else precision
+
+
+def warn_if_long_on_cpu(device: torch.device, steps_left: int, seconds_per_step: float) -> None:
+    """One line, when the steps left of a CPU run would take over LONG_CPU_RUN_S at the speed measured so far."""
+    from tqdm.auto import tqdm
+
+    seconds = steps_left * seconds_per_step
+    if device.type != "cpu" or seconds <= LONG_CPU_RUN_S:
+        return
+    hours = seconds / 3600
+    duration = f"{hours:.1f} hours" if hours < 48 else f"{hours / 24:.0f} days"
+    tqdm.write(f"notice: at this speed the {steps_left} steps left take about {duration} on the CPU; for a quick "
+               f"look on a CPU try: python train_ddpm.py --model_preset quickstart")
+
+
 def resolve_precision(requested: str, device: torch.device) -> tuple[str, Optional[str]]:
     """The precision accelerate runs with, and a notice when it differs from what was asked."""
     if device.type == "cuda":
@@ -568,12 +587,14 @@ def train(cfg: Config) -> int:
             writer.add_images("training_data", first.float() / 255, 0)
             log_graph(writer, unet, channels, t.image_size)
         print(f"training on {len(dataset)} images, {accelerator.num_processes} process(es) on {device.type}, "
-              f"{precision}: {total_steps} optimizer steps of {t.train_batch_size} x {accelerator.num_processes} x "
-              f"{t.gradient_accumulation_steps} images; outputs in {out}")
+              f"{precision_name(precision)}: {total_steps} optimizer steps of {t.train_batch_size} x "
+              f"{accelerator.num_processes} x {t.gradient_accumulation_steps} images; outputs in {out}")
 
     # --- 5. The loop ---------------------------------------------------------------------------------
     signals = StopSignal()
     window = LogWindow(accelerator)
+    images_per_step = t.train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
+    estimated = False  # whether the time to the end was estimated yet (once, from the first logged steps)
     bar = tqdm(total=total_steps, initial=progress.global_step, desc="training", unit="step", disable=not main)
     stop_reason: Optional[str] = None
     while progress.global_step < total_steps and not stop_reason:
@@ -597,6 +618,10 @@ def train(cfg: Config) -> int:
                                  "train/nonfinite_steps": progress.nonfinite_steps}, step=progress.global_step)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{parts.lr_schedule.get_last_lr()[0]:.2e}",
                                 img_s=f"{stats['img_per_s']:.0f}")
+                if main and not estimated:
+                    estimated = True
+                    warn_if_long_on_cpu(device, total_steps - progress.global_step,
+                                        images_per_step / stats["img_per_s"])
                 signalled = stats["signal"]
                 if stats["in_a_row"] >= t.max_nonfinite_steps:
                     stop_reason = "nonfinite"

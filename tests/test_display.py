@@ -1,9 +1,10 @@
-"""What a person sees: pictures scaled up to look at (data files kept native), and the denoising steps each
-sampler takes by default."""
+"""What a person sees: pictures scaled up to look at (data files kept native), the training start line and its
+time estimate, and the denoising steps each sampler takes by default."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -132,3 +133,28 @@ def test_interpolation_defaults_to_50_ddim_steps_and_only_the_pictures_are_scale
     assert np.array_equal(first, np.kron(first[::16, ::16], np.ones((16, 16, 1), dtype=np.uint8))), \
         "every model pixel is a 16x16 block"
     assert Image.open(dest / "interpolation_strip.png").size == (2 + 3 * (256 + 2), 256 + 4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training start line and the time estimate on a CPU
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_the_start_line_names_the_precision_and_a_short_run_gets_no_estimate(trained_run):
+    _, proc = trained_run
+    assert re.search(r"^training on 12 images, 1 process\(es\) on cpu, fp32: 6 optimizer steps ", proc.stdout, re.M)
+    assert "quickstart" not in proc.stdout
+    assert [train_ddpm.precision_name(p) for p in ("no", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+
+
+def test_a_long_cpu_run_gets_one_estimate_line_with_a_hint(capsys):
+    cpu = torch.device("cpu")
+    train_ddpm.warn_if_long_on_cpu(cpu, steps_left=7200, seconds_per_step=1.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("notice:") and "about 2.0 hours" in lines[0]
+    assert lines[0].endswith("for a quick look on a CPU try: python train_ddpm.py --model_preset quickstart")
+    train_ddpm.warn_if_long_on_cpu(cpu, steps_left=100_000, seconds_per_step=10.0)
+    assert "about 12 days" in capsys.readouterr().out
+    train_ddpm.warn_if_long_on_cpu(cpu, steps_left=3000, seconds_per_step=1.0)  # under an hour
+    train_ddpm.warn_if_long_on_cpu(torch.device("cuda"), steps_left=10**7, seconds_per_step=1.0)  # not on a GPU
+    assert capsys.readouterr().out == ""
