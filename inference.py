@@ -5,7 +5,8 @@
     python inference.py --model_path ./results/final_model --interpolate --interp_steps 10 --output_dir ./interp
 
 Image i is drawn from seed + i: the same image whatever --batch_size or device. Every run writes
-manifest.json listing each file with its seed, sampler, steps and model.
+manifest.json listing each file with its seed, sampler, steps and model. Without --num_inference_steps each
+sampler takes its own default: every training timestep (1000) for ddpm, 50 for the others.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import config as config_module
 from config import InferenceConfig, UserError
 
 EXIT_USER_ERROR = 2
+FEW_STEP_DEFAULT = 50  # denoising steps of every sampler but ddpm when --num_inference_steps is not given
 
 
 def parse_config(argv: Optional[list[str]] = None) -> InferenceConfig:
@@ -35,8 +37,9 @@ def validate(cfg: InferenceConfig) -> None:
     if not cfg.model_path:
         raise UserError("--model_path is required: pass the final_model/ folder that train_ddpm.py wrote")
     minimum = dict(num_images=(cfg.num_images, 1), interp_steps=(cfg.interp_steps, 2),
-                   num_inference_steps=(cfg.num_inference_steps, 1), batch_size=(cfg.batch_size, 1),
-                   grid_size=(1 if cfg.grid_size is None else cfg.grid_size, 1))
+                   num_inference_steps=(1 if cfg.num_inference_steps is None else cfg.num_inference_steps, 1),
+                   batch_size=(cfg.batch_size, 1), grid_size=(1 if cfg.grid_size is None else cfg.grid_size, 1),
+                   display_size=(cfg.display_size, 0))
     for name, (value, least) in minimum.items():
         if value < least:
             raise UserError(f"--{name} must be at least {least}, got {value}")
@@ -99,33 +102,44 @@ def prepare_output_dir(output_dir: str) -> Path:
     return out
 
 
-def write_manifest(out: Path, cfg: InferenceConfig, sampler_name: str, files: list[dict], extra: dict) -> None:
+def inference_steps(cfg: InferenceConfig, num_train_timesteps: int) -> int:
+    """The denoising steps of this run: --num_inference_steps if given, else its sampler's default. DDPM's
+    ancestral sampler needs every training timestep; the others are made for few steps."""
+    if cfg.num_inference_steps is not None:
+        return cfg.num_inference_steps
+    sampler = cfg.interp_scheduler if cfg.interpolate else cfg.scheduler
+    return num_train_timesteps if sampler == "ddpm" else min(FEW_STEP_DEFAULT, num_train_timesteps)
+
+
+def write_manifest(out: Path, cfg: InferenceConfig, sampler_name: str, steps: int, files: list[dict],
+                   extra: dict) -> None:
     from sampling import atomic_write
 
-    manifest = {"model_path": str(cfg.model_path), "scheduler": sampler_name,
-                "num_inference_steps": cfg.num_inference_steps, "eta": cfg.eta, **extra, "files": files}
+    manifest = {"model_path": str(cfg.model_path), "scheduler": sampler_name, "num_inference_steps": steps,
+                "num_inference_steps_default": cfg.num_inference_steps is None, "eta": cfg.eta, **extra,
+                "files": files}
     with atomic_write(out / "manifest.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=2))
 
 
-def generate_images(cfg: InferenceConfig, unet, trained_schedule, dtype, out: Path) -> None:
+def generate_images(cfg: InferenceConfig, unet, trained_schedule, dtype, out: Path, steps: int) -> None:
     from sampling import generate, make_sampler, save_grid, save_png
 
     seeds = [cfg.seed + i for i in range(cfg.num_images)]
     sampler = make_sampler(cfg.scheduler, trained_schedule)
-    images = generate(unet, sampler, seeds, cfg.num_inference_steps, cfg.batch_size, dtype, cfg.eta,
-                      desc=f"generating ({cfg.scheduler}, {cfg.num_inference_steps} steps)")
+    images = generate(unet, sampler, seeds, steps, cfg.batch_size, dtype, cfg.eta,
+                      desc=f"generating ({cfg.scheduler}, {steps} steps)")
     files = []
     for seed, image in zip(seeds, images):
         name = f"seed{seed:06d}.png"
         save_png(image, out / name)
         files.append({"file": name, "seed": seed})
-    save_grid(images, out / "grid.png", cfg.grid_size)
-    write_manifest(out, cfg, cfg.scheduler, files, {"grid": "grid.png"})
+    save_grid(images, out / "grid.png", cfg.grid_size, display_size=cfg.display_size)
+    write_manifest(out, cfg, cfg.scheduler, steps, files, {"grid": "grid.png"})
     print(f"wrote {len(images)} images, grid.png and manifest.json to {out}")
 
 
-def interpolate(cfg: InferenceConfig, unet, trained_schedule, dtype, out: Path) -> None:
+def interpolate(cfg: InferenceConfig, unet, trained_schedule, dtype, out: Path, steps: int) -> None:
     """Frames along the slerp between the initial noise of start_seed and end_seed, denoised with the same
     (by default deterministic) sampler, so neighbouring frames stay close."""
     import torch
@@ -140,16 +154,16 @@ def interpolate(cfg: InferenceConfig, unet, trained_schedule, dtype, out: Path) 
     # Stochastic samplers (ddpm, euler_a, ddim with eta > 0) share start_seed's step noise across frames.
     generators = seeded_generators([cfg.start_seed] * cfg.interp_steps)
     sampler = make_sampler(cfg.interp_scheduler, trained_schedule)
-    frames = sample_images(unet, sampler, noise, generators, cfg.num_inference_steps, cfg.batch_size, dtype,
-                           cfg.eta, desc=f"interpolating ({cfg.interp_scheduler}, {cfg.num_inference_steps} steps)")
+    frames = sample_images(unet, sampler, noise, generators, steps, cfg.batch_size, dtype, cfg.eta,
+                           desc=f"interpolating ({cfg.interp_scheduler}, {steps} steps)")
     files = []
     for k, (fraction, frame) in enumerate(zip(fractions, frames)):
         name = f"frame_{k:03d}.png"
         save_png(frame, out / name)
         files.append({"file": name, "t": fraction, "start_seed": cfg.start_seed, "end_seed": cfg.end_seed})
-    save_grid(frames, out / "interpolation_strip.png", columns=len(frames))
-    save_gif(frames, out / "interpolation.gif", cfg.fps)
-    write_manifest(out, cfg, cfg.interp_scheduler, files,
+    save_grid(frames, out / "interpolation_strip.png", columns=len(frames), display_size=cfg.display_size)
+    save_gif(frames, out / "interpolation.gif", cfg.fps, display_size=cfg.display_size)
+    write_manifest(out, cfg, cfg.interp_scheduler, steps, files,
                    {"strip": "interpolation_strip.png", "gif": "interpolation.gif", "fps": cfg.fps})
     print(f"wrote {len(frames)} frames, interpolation_strip.png and interpolation.gif to {out}")
 
@@ -159,8 +173,9 @@ def run(cfg: InferenceConfig) -> None:
 
     device, dtype = choose_device_and_dtype(cfg.dtype)
     unet, trained_schedule = load_model(cfg.model_path, dtype)
-    if cfg.num_inference_steps > trained_schedule.num_train_timesteps:
-        raise UserError(f"--num_inference_steps {cfg.num_inference_steps} exceeds the model's "
+    steps = inference_steps(cfg, trained_schedule.num_train_timesteps)
+    if steps > trained_schedule.num_train_timesteps:
+        raise UserError(f"--num_inference_steps {steps} exceeds the model's "
                         f"{trained_schedule.num_train_timesteps} training timesteps; lower it")
     out = prepare_output_dir(cfg.output_dir)
     unet = unet.to(device).eval()
@@ -168,7 +183,7 @@ def run(cfg: InferenceConfig) -> None:
         unet = unet.to(memory_format=torch.channels_last)
     if cfg.compile:
         unet = torch.compile(unet) if device.type == "cuda" else unet
-    (interpolate if cfg.interpolate else generate_images)(cfg, unet, trained_schedule, dtype, out)
+    (interpolate if cfg.interpolate else generate_images)(cfg, unet, trained_schedule, dtype, out, steps)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

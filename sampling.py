@@ -16,7 +16,6 @@ from typing import Iterator, Optional
 
 import imageio.v3 as iio
 import torch
-from PIL import Image
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -27,7 +26,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 # name -> (scheduler class, settings over the trained DDPM config). Each of these is correct in the loop
@@ -150,34 +149,68 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+# Pictures for people (grids, the interpolation strip and GIF) are scaled up; per-image PNGs stay native: they are data.
+MAX_DISPLAY_SIDE = 4096  # px: a grid of many images is scaled up less, so viewers still open it
+GRID_PADDING = 2  # px between grid cells
+
+
+def display_factor(side: int, display_size: int, cells_across: int = 1) -> int:
+    """k = ceil(display_size / side), the integer factor that shows a side-px image at least display_size px;
+    never below 1 (no shrinking; display_size 0 keeps the native size), and lowered so that cells_across padded
+    cells of k * side px fit in MAX_DISPLAY_SIDE."""
+    if display_size <= 0:
+        return 1
+    wanted = math.ceil(display_size / side)
+    fits = ((MAX_DISPLAY_SIDE - GRID_PADDING) // cells_across - GRID_PADDING) // side
+    return max(1, min(wanted, fits))
+
+
+def for_display(images: torch.Tensor, display_size: int, cells_across: int = 1) -> torch.Tensor:
+    """[N,C,H,W] images scaled up by display_factor with nearest neighbour: each pixel becomes a k x k block, so
+    nothing is blurred or invented, and the channels (1 for greyscale) are kept."""
+    k = display_factor(max(images.shape[-2:]), display_size, cells_across)
+    return images if k == 1 else images.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+
+
 def grid_columns(count: int, columns: Optional[int] = None) -> int:
     """Images per grid row: the given number, else as square as the count allows."""
     return columns or math.ceil(math.sqrt(count))
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: Optional[int] = None) -> None:
-    with atomic_write(path) as tmp:
-        save_image(images, tmp, nrow=grid_columns(len(images), columns), padding=2, format="PNG")
+def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: Optional[int] = None, *,
+              display_size: int) -> None:
+    """The images in one padded grid PNG, each cell shown at least display_size px (see for_display)."""
+    columns = min(grid_columns(len(images), columns), len(images))  # as make_grid lays them out
+    cells_across = max(columns, math.ceil(len(images) / columns))
+    grid = image_grid(for_display(to_uint8(images), display_size, cells_across), columns)  # uint8: 4x less memory
+    with atomic_write(path) as tmp:  # make_grid repeats a single channel three times; keep greyscale grey
+        iio.imwrite(tmp, to_hwc(grid[: images.shape[1]]), extension=".png")
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
     """One [C,H,W] image in [0, 1] as an RGB PNG, or a greyscale one for a 1-channel model."""
     with atomic_write(path) as tmp:
-        Image.fromarray(to_uint8_hwc(image)).save(tmp, format="PNG")
+        iio.imwrite(tmp, to_hwc(to_uint8(image)), extension=".png")
 
 
-def to_uint8_hwc(image: torch.Tensor):
-    """A [C,H,W] image in [0, 1] as an HxWx3 (or HxW) uint8 array."""
-    array = image.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as uint8, rounded as torchvision's save_image rounds."""
+    return images.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+
+
+def to_hwc(image: torch.Tensor):
+    """A [C,H,W] uint8 image as an HxWx3 (or HxW, greyscale) array."""
+    array = image.permute(1, 2, 0).numpy()
     return array[..., 0] if array.shape[-1] == 1 else array
 
 
-def save_gif(frames: torch.Tensor, path: str | os.PathLike, fps: float) -> None:
-    """An endlessly looping GIF of [N,C,H,W] frames in [0, 1]."""
+def save_gif(frames: torch.Tensor, path: str | os.PathLike, fps: float, *, display_size: int) -> None:
+    """An endlessly looping GIF of [N,C,H,W] frames in [0, 1], each shown at least display_size px."""
+    frames = for_display(to_uint8(frames), display_size)
     with atomic_write(path) as tmp:
-        iio.imwrite(tmp, [to_uint8_hwc(f) for f in frames], extension=".gif", duration=1000.0 / fps, loop=0)
+        iio.imwrite(tmp, [to_hwc(f) for f in frames], extension=".gif", duration=1000.0 / fps, loop=0)
 
 
 def image_grid(images: torch.Tensor, columns: Optional[int] = None) -> torch.Tensor:
-    """The grid as one [C,H,W] tensor (for TensorBoard)."""
-    return make_grid(images, nrow=grid_columns(len(images), columns), padding=2)
+    """The grid as one [C,H,W] tensor, at the images' own size (TensorBoard logs it so)."""
+    return make_grid(images, nrow=grid_columns(len(images), columns), padding=GRID_PADDING)

@@ -37,6 +37,7 @@ from dataset import load_dataset, make_dataloader, source_kind, to_model_input
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(epoch|step)-(\d+)$")
 RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png")
 EXIT_USER_ERROR, EXIT_NONFINITE = 2, 3
+LONG_CPU_RUN_S = 3600  # a CPU run estimated to take longer gets a hint towards a small preset
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def validate(cfg: Config) -> None:
     in_range = dict(lr_warmup_steps=(t.lr_warmup_steps, 0, None), adam_weight_decay=(t.adam_weight_decay, 0, None),
                     max_grad_norm=(t.max_grad_norm, 0, None), adam_beta1=(t.adam_beta1, 0, 1),
                     adam_beta2=(t.adam_beta2, 0, 1), dropout=(m.dropout, 0, 1), ema_max_decay=(t.ema_max_decay, 0, 1),
-                    beta_end=(s.beta_end, s.beta_start, 1))
+                    beta_end=(s.beta_end, s.beta_start, 1), display_size=(t.display_size, 0, None))
     for name, (value, low, high) in in_range.items():  # low <= value < high
         if value != "auto" and not (value >= low and (high is None or value < high)):
             bounds = f"at least {low}" if high is None else f"in [{low}, {high})"
@@ -519,8 +520,8 @@ def draw_previews(accelerator, unet, ema, cfg: Config, noise_scheduler, path: Pa
             images = generate(unet, sampler, seeds, cfg.training.sample_num_inference_steps,
                               batch_size=cfg.training.num_preview_images, desc=f"preview {path.name}")
             unet.train()
-        save_grid(images, path)
-        writer.add_image(tag, image_grid(images), step)
+        save_grid(images, path, display_size=cfg.training.display_size)
+        writer.add_image(tag, image_grid(images), step)  # native size: TensorBoard zooms itself
     accelerator.wait_for_everyone()
 
 
@@ -538,6 +539,24 @@ def save_final_model(accelerator, unet, ema, noise_scheduler, out: Path, record:
             shutil.rmtree(final)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
+
+
+def precision_name(precision: str) -> str:
+    """accelerate's mixed_precision value as a person reads it: fp32, bf16 or fp16."""
+    return "fp32" if precision == "no" else precision
+
+
+def warn_if_long_on_cpu(device: torch.device, steps_left: int, seconds_per_step: float) -> None:
+    """One line, when the steps left of a CPU run would take over LONG_CPU_RUN_S at the speed measured so far."""
+    from tqdm.auto import tqdm
+
+    seconds = steps_left * seconds_per_step
+    if device.type != "cpu" or seconds <= LONG_CPU_RUN_S:
+        return
+    hours = seconds / 3600
+    duration = f"{hours:.1f} hours" if hours < 48 else f"{hours / 24:.0f} days"
+    tqdm.write(f"notice: at this speed the {steps_left} steps left take about {duration} on the CPU; for a quick "
+               f"look on a CPU try: python train_ddpm.py --model_preset quickstart")
 
 
 def resolve_precision(requested: str, device: torch.device) -> tuple[str, Optional[str]]:
@@ -629,16 +648,18 @@ def train(cfg: Config) -> int:
         if not resume_from:
             shown = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(t.seed))
             first = dataset.__getitems__(sorted(shown[: t.num_preview_images].tolist())).float() / 255
-            save_grid(first, out / "sample_training_data.png")
+            save_grid(first, out / "sample_training_data.png", display_size=t.display_size)
             writer.add_images("training_data", first, 0)
             log_graph(writer, unet, channels, t.image_size)
         print(f"training on {len(dataset)} images, {accelerator.num_processes} process(es) on {device.type}, "
-              f"{precision}: {total_steps} optimizer steps of {t.train_batch_size} x {accelerator.num_processes} x "
-              f"{t.gradient_accumulation_steps} images; outputs in {out}")
+              f"{precision_name(precision)}: {total_steps} optimizer steps of {t.train_batch_size} x "
+              f"{accelerator.num_processes} x {t.gradient_accumulation_steps} images; outputs in {out}")
 
     # --- 5. The loop ---------------------------------------------------------------------------------
     signals = StopSignal()
     window = LogWindow(accelerator)
+    images_per_step = t.train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
+    estimated = False  # whether the time to the end was estimated yet (once, from the first logged steps)
     bar = tqdm(total=total_steps, initial=progress.global_step, desc="training", unit="step", disable=not main)
     stop_reason: Optional[str] = None
     while progress.global_step < total_steps and not stop_reason:
@@ -662,6 +683,10 @@ def train(cfg: Config) -> int:
                                  "train/nonfinite_steps": progress.nonfinite_steps}, step=progress.global_step)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{parts.lr_schedule.get_last_lr()[0]:.2e}",
                                 img_s=f"{stats['img_per_s']:.0f}")
+                if main and not estimated:
+                    estimated = True
+                    warn_if_long_on_cpu(device, total_steps - progress.global_step,
+                                        images_per_step / stats["img_per_s"])
                 signalled = stats["signal"]
                 if stats["in_a_row"] >= t.max_nonfinite_steps:
                     stop_reason = "nonfinite"

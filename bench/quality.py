@@ -58,6 +58,8 @@ def parse_args(argv=None):
                    help="CPU threads per side; both sides of a seed run at the same time")
     p.add_argument("--out", default=str(ROOT / "bench_out" / "quality"))
     p.add_argument("--reuse", action="store_true", help="score our side's existing samples instead of retraining")
+    p.add_argument("--score", nargs="+", metavar="DIR",
+                   help="only score these folders of generated images (inference.py outputs), e.g. other samplers")
     p.add_argument("--worker", choices=["plain"], help=argparse.SUPPRESS)
     p.add_argument("--worker_dir", help=argparse.SUPPRESS)
     p.add_argument("--worker_seed", type=int, help=argparse.SUPPRESS)
@@ -267,11 +269,12 @@ def start_ours(args, seed: int, run_dir: Path) -> subprocess.Popen:
                             stdout=open(run_dir / "log.txt", "w"), stderr=subprocess.STDOUT)
 
 
-def read_ours(run_dir: Path, count: int) -> np.ndarray:
+def read_samples(folder: Path, count: int) -> np.ndarray:
+    """The images inference.py wrote to `folder`, as uint8 [N, S, S] greyscale."""
     from PIL import Image
 
-    manifest = json.loads((run_dir / "samples" / "manifest.json").read_text())
-    files = [run_dir / "samples" / f["file"] for f in manifest["files"]][:count]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    files = [folder / f["file"] for f in manifest["files"]][:count]
     return np.stack([np.asarray(Image.open(f).convert("L"), dtype=np.uint8) for f in files])
 
 
@@ -321,6 +324,12 @@ def main(argv=None) -> int:
     print(f"judge: CNN on {len(classes)} classes of {len(images)} images, held-out accuracy {accuracy:.3f}; "
           f"real data: confidence {real_probs.max(1).mean():.3f}")
 
+    if args.score:
+        for folder in args.score:
+            r = score(classifier, real_features, read_samples(Path(folder), args.num_samples))
+            print(f"{folder}: distance {r['distance']:.1f}, confidence {r['confidence']:.3f}, class entropy "
+                  f"{r['class_entropy']:.2f}")
+        return 0
     rows = []
     for seed in args.seeds:
         tag = f"steps{args.steps}-seed{seed}"
@@ -342,7 +351,7 @@ def main(argv=None) -> int:
         if "plain" in args.sides:
             samples["plain"] = np.load(plain_dir / "samples.npy")
         if "ours" in args.sides:
-            samples["ours"] = read_ours(ours_dir, args.num_samples)
+            samples["ours"] = read_samples(ours_dir / "samples", args.num_samples)
         row = {"seed": seed, "steps": args.steps, "label": args.label, "ours_args": args.ours_args,
                "minutes": round(minutes, 1)}
         for side, s in samples.items():

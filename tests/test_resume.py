@@ -76,7 +76,7 @@ def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path, accumulation)
 
 
 def start_training(image_folder: Path, out: Path, *extra) -> subprocess.Popen:
-    args = train_args(image_folder, out, "--max_train_steps", 100000, *extra)
+    args = train_args(image_folder, out, "--max_train_steps", 10_000_000, *extra)  # far longer than an hour
     return subprocess.Popen([sys.executable, str(ROOT / "train_ddpm.py"), *map(str, args)], cwd=ROOT, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -106,6 +106,7 @@ def test_sigterm_or_ctrl_c_checkpoints_and_the_run_resumes_to_the_end(image_fold
     assert proc.returncode == 128 + signum, stderr
     assert f"stopped by {signal.Signals(signum).name}" in stderr and "--resume_from_checkpoint latest" in stderr
     assert "Traceback" not in stderr
+    assert "--model_preset quickstart" in stdout, "a CPU run this long is told its time and a quicker start"
     latest = max((p for p in out.glob("checkpoint-step-*")), key=lambda p: progress_of(p)["global_step"])
     stopped_at = progress_of(latest)["global_step"]
     assert stopped_at >= 4 and latest.name == f"checkpoint-step-{stopped_at}"

@@ -20,7 +20,7 @@ def test_training_writes_every_output_the_readme_lists(trained_run):
     assert not (out / "checkpoint-epoch-1").exists()  # save_model_epochs 2
     assert not list(out.rglob("*.partial")), "no temporary files may be left behind"
     grid = Image.open(out / "final_samples.png")
-    assert grid.size == (2 + 2 * (16 + 2), 2 + 2 * (16 + 2))  # 4 previews in a 2x2 grid of 16px images
+    assert grid.size == (2 + 2 * (256 + 2), 2 + 2 * (256 + 2))  # 4 previews of 16 px, shown at 16x in a 2x2 grid
     assert "done: 6 steps" in proc.stdout
 
 
@@ -64,9 +64,10 @@ def test_inference_generates_images_addressed_by_seed(trained_run, tmp_path):
     manifest = json.loads((dest / "manifest.json").read_text())
     assert [f["seed"] for f in manifest["files"]] == [42, 43, 44, 45, 46]
     assert manifest["scheduler"] == "ddpm" and manifest["num_inference_steps"] == 5
+    assert manifest["num_inference_steps_default"] is False
     for entry in manifest["files"]:
-        assert Image.open(dest / entry["file"]).size == (16, 16)
-    assert Image.open(dest / "grid.png").size == (2 + 3 * 18, 2 + 2 * 18)  # 3 per row, 2 rows
+        assert Image.open(dest / entry["file"]).size == (16, 16)  # data: native size
+    assert Image.open(dest / "grid.png").size == (2 + 3 * 258, 2 + 2 * 258)  # 3 per row, 2 rows, shown at 16x
 
 
 def test_inference_interpolation_writes_frames_strip_and_gif(trained_run, tmp_path):
@@ -77,9 +78,11 @@ def test_inference_interpolation_writes_frames_strip_and_gif(trained_run, tmp_pa
     frames = sorted(dest.glob("frame_*.png"))
     assert len(frames) == 6
     gif = iio.imread(dest / "interpolation.gif", index=None)
-    assert gif.shape[0] == 6
+    assert gif.shape[:3] == (6, 256, 256)
     assert iio.immeta(dest / "interpolation.gif")["loop"] == 0
-    assert Image.open(dest / "interpolation_strip.png").size == (2 + 6 * 18, 18 + 2)
+    assert Image.open(dest / "interpolation_strip.png").size == (2 + 6 * 258, 258 + 2)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["num_inference_steps"] == 5 and manifest["num_inference_steps_default"] is False
 
 
 def test_interpolation_is_smooth_on_a_briefly_trained_model(image_folder, tmp_path):
@@ -106,6 +109,7 @@ def test_mnist_through_the_real_torchvision_loader(mnist_dir, tmp_path):
     assert "notice: mixed_precision fp16 needs a GPU; training in fp32" in proc.stdout
     unet = UNet2DModel.from_pretrained(out / "final_model" / "unet")
     assert unet.config.in_channels == unet.config.out_channels == 1  # follows the data
+    assert Image.open(out / "sample_training_data.png").mode == "L"  # greyscale data, greyscale grid
     cache = list((mnist_dir / "cache").glob("mnist-16px-*.npy"))
     assert len(cache) == 1
 
