@@ -79,12 +79,13 @@ def validate(cfg: Config) -> None:
                         sample_num_inference_steps=t.sample_num_inference_steps, norm_num_groups=m.norm_num_groups,
                         num_train_timesteps=s.num_train_timesteps, max_nonfinite_steps=t.max_nonfinite_steps,
                         max_train_steps=t.max_train_steps, checkpointing_steps=t.checkpointing_steps,
-                        checkpoints_total_limit=t.checkpoints_total_limit)
+                        checkpoints_total_limit=t.checkpoints_total_limit, attention_head_dim=m.attention_head_dim)
     for name, value in at_least_one.items():
         if value is not None and value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
+            optional = config_module.flags_of(*SECTIONS)[name].optional
+            raise UserError(f"--{name} must be at least 1{' (or none)' if optional else ''}, got {value}")
     positive = dict(learning_rate=t.learning_rate, adam_epsilon=t.adam_epsilon, beta_start=s.beta_start,
-                    snr_gamma=t.snr_gamma)
+                    snr_gamma=t.snr_gamma, ema_inv_gamma=t.ema_inv_gamma)
     for name, value in positive.items():
         if value not in (None, "auto") and not value > 0:
             raise UserError(f"--{name} must be positive, got {value}")
@@ -99,6 +100,9 @@ def validate(cfg: Config) -> None:
     if t.sample_num_inference_steps > s.num_train_timesteps:
         raise UserError(f"--sample_num_inference_steps {t.sample_num_inference_steps} exceeds the "
                         f"{s.num_train_timesteps} training timesteps; lower it")
+    if cfg.data.dataloader_num_workers < -1:
+        raise UserError(f"--dataloader_num_workers must be -1 (auto) or at least 0, got "
+                        f"{cfg.data.dataloader_num_workers}")
     if t.freeze_down_blocks and not t.pretrained_model_path:
         raise UserError("--freeze_down_blocks needs --pretrained_model_path (freezing untrained weights is pointless)")
     if t.dataset_name == "custom" and not cfg.data.dataset_path:

@@ -237,6 +237,9 @@ def test_decode_file_returns_none_for_unreadable_files(tmp_path):
     (["--sample_num_inference_steps", "2000"], ["--sample_num_inference_steps 2000", "1000 training timesteps"]),
     (["--freeze_down_blocks"], ["--pretrained_model_path"]),
     (["--resume_from_checkpoint", "latest"], ["no checkpoint in"]),
+    (["--ema_inv_gamma", "0"], ["--ema_inv_gamma must be positive"]),  # else a ZeroDivisionError at step 2
+    (["--attention_head_dim", "0"], ["--attention_head_dim must be at least 1 (or none)"]),
+    (["--dataloader_num_workers", "-7"], ["--dataloader_num_workers must be -1 (auto) or at least 0"]),
 ])
 def test_train_validation_errors(argv, words, capsys, tmp_path):
     result = call(train_ddpm.main, [*argv, "--output_dir", tmp_path / "out", "--dry_run"], capsys)
