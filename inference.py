@@ -158,6 +158,8 @@ def run(cfg: InferenceConfig) -> None:
     import torch
 
     device, dtype = choose_device_and_dtype(cfg.dtype)
+    if cfg.compile and device.type != "cuda":
+        print("notice: --compile needs a CUDA GPU; sampling uncompiled on the CPU")
     unet, trained_schedule = load_model(cfg.model_path, dtype)
     if cfg.num_inference_steps > trained_schedule.num_train_timesteps:
         raise UserError(f"--num_inference_steps {cfg.num_inference_steps} exceeds the model's "

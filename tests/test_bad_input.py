@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import config as config_module
@@ -276,6 +277,31 @@ def test_train_validation_before_any_work(argv, words, capsys, tmp_path):
     assert_user_error(result, *words)
 
 
+@pytest.mark.parametrize("native_bf16, requested, expected, notice", [
+    (False, "bf16", "fp16", "bf16 needs an Ampere or newer GPU; training in fp16"),  # a T4 or V100
+    (False, "auto", "fp16", None),
+    (True, "bf16", "bf16", None),
+    (True, "auto", "bf16", None),
+])
+def test_bf16_on_a_gpu_without_it_falls_back_to_fp16(native_bf16, requested, expected, notice, monkeypatch):
+    # Older GPUs emulate bf16 (slowly): torch reports bf16 on them unless asked for native support only.
+    supported = lambda including_emulation=True: native_bf16 or including_emulation
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    precision, line = train_ddpm.resolve_precision(requested, torch.device("cuda"))
+    assert precision == expected
+    if notice is None:
+        assert line is None
+    else:
+        assert line.startswith("notice: ") and notice in line and "\n" not in line
+
+
+def test_compile_on_a_cpu_is_dropped_with_a_notice():
+    assert train_ddpm.resolve_compile(True, torch.device("cpu")) == (
+        False, "notice: --compile needs a CUDA GPU; training uncompiled on cpu")
+    assert train_ddpm.resolve_compile(True, torch.device("cuda")) == (True, None)
+    assert train_ddpm.resolve_compile(False, torch.device("cpu")) == (False, None)
+
+
 # ---------------------------------------------------------------------------------------------------
 # train_ddpm.py, real CLI
 # ---------------------------------------------------------------------------------------------------
@@ -335,10 +361,11 @@ def test_all_images_unreadable(tmp_path):
 
 def test_odd_modes_and_small_images_train(tmp_path):
     folder = make_mixed_mode_folder(tmp_path / "images")
-    result = run_cli("train_ddpm.py", *train_args(tmp_path, "--dataset_name", "custom", "--dataset_path", folder),
-                     check=False)
+    result = run_cli("train_ddpm.py", *train_args(tmp_path, "--dataset_name", "custom", "--dataset_path", folder,
+                                                  "--compile"), check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "warning: skipped" not in result.stdout
+    assert "notice: --compile needs a CUDA GPU; training uncompiled on cpu\n" in result.stdout
     assert f"training on {len(files_under(folder))} images" in result.stdout
     assert (tmp_path / "out" / "final_model" / "model_index.json").exists()
 
@@ -400,6 +427,14 @@ def test_inference_validation_errors(argv, words, tiny_run, capsys, tmp_path):
     argv += [word for flag, value in defaults.items() if flag not in argv for word in (flag, value)]
     assert_user_error(call(inference.main, argv, capsys), *words)
     assert not (tmp_path / "out").exists()
+
+
+def test_inference_compile_on_a_cpu_prints_a_notice(tiny_run, capsys, tmp_path):
+    result = call(inference.main, ["--model_path", tiny_run / "final_model", "--compile", "--num_images", "1",
+                                   "--num_inference_steps", "2", "--output_dir", tmp_path / "out"], capsys)
+    assert result.returncode == 0, result.stderr
+    assert "notice: --compile needs a CUDA GPU; sampling uncompiled on the CPU\n" in result.stdout
+    assert (tmp_path / "out" / "seed000000.png").exists()
 
 
 def not_a_pipeline(tmp_path: Path, tiny_run: Path, kind: str) -> Path:
