@@ -419,6 +419,9 @@ def test_existing_run_is_not_overwritten(tiny_run, tmp_path, image_folder):
     (["--model_path", "{model}", "--fps", "0"], ["--fps must be positive"]),
     (["--model_path", "{model}", "--scheduler", "plms"], ["--scheduler", "invalid choice", "dpmsolver++"]),
     (["--model_path", "{model}", "--nm_images", "3"], ["did you mean --num_images?"]),
+    # Given on the command line, even at its default value, --scheduler would be silently ignored.
+    (["--model_path", "{model}", "--interpolate", "--scheduler", "ddpm"],
+     ["--scheduler does not apply to --interpolate", "--interp_scheduler ddpm"]),
 ])
 def test_inference_validation_errors(argv, words, tiny_run, capsys, tmp_path):
     argv = [str(tiny_run / "final_model") if a == "{model}" else a for a in argv]
