@@ -139,8 +139,7 @@ def parse(argv: list[str]):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--lerning_rate", "1e-3"], ["unknown argument --lerning_rate", "did you mean --learning_rate?"]),
-    (["--lerning-rate=1e-3"], ["did you mean --learning_rate?"]),
+    (["--lerning-rate=1e-3"], ["unknown argument --lerning_rate", "did you mean --learning_rate?"]),
     (["--image_size", "big"], ["--image_size", "invalid int value"]),
     (["--learning_rate", "fast"], ["--learning_rate", "invalid float value"]),
     (["--dataset_name", "imagenet"], ["--dataset_name", "invalid choice", "cifar10"]),
@@ -226,12 +225,9 @@ def test_decode_file_returns_none_for_unreadable_files(tmp_path):
     (TINY_MODEL + ["--block_out_channels", "16", "32", "64"], ["same length", "3, 2 and 2"]),
     (TINY_MODEL + ["--up_block_types", "UpBlock2D"], ["same length", "2, 2 and 1"]),
     (TINY_MODEL + ["--norm_num_groups", "12"], ["--norm_num_groups 12", "does not divide"]),
-    (["--dataset_name", "imagenet"], ["--dataset_name", "invalid choice", "custom"]),
     (["--mixed_precision", "fp8"], ["--mixed_precision", "invalid choice", "bf16"]),
     (["--lr_scheduler", "exponential"], ["--lr_scheduler", "invalid choice", "cosine"]),
     (["--sample_scheduler", "plms"], ["--sample_scheduler", "invalid choice", "ddim"]),
-    (["--lerning_rate", "1e-3"], ["unknown argument --lerning_rate", "did you mean --learning_rate?"]),
-    (["--num_epochs", "ten"], ["--num_epochs", "invalid int value"]),
     (["--image_size", "0"], ["--image_size must be at least 1"]),
     (["--learning_rate", "0"], ["--learning_rate must be positive"]),
     (["--dataset_name", "custom"], ["--dataset_path"]),
@@ -241,40 +237,20 @@ def test_decode_file_returns_none_for_unreadable_files(tmp_path):
     (["--ema_inv_gamma", "0"], ["--ema_inv_gamma must be positive"]),  # else a ZeroDivisionError at step 2
     (["--attention_head_dim", "0"], ["--attention_head_dim must be at least 1 (or none)"]),
     (["--dataloader_num_workers", "-7"], ["--dataloader_num_workers must be -1 (auto) or at least 0"]),
+    (["--max_train_steps", "0"], ["--max_train_steps must be at least 1"]),
+    (["--checkpointing_steps", "0"], ["--checkpointing_steps must be at least 1"]),
+    (["--checkpoints_total_limit", "0"], ["--checkpoints_total_limit must be at least 1"]),
+    (["--lr_warmup_steps", "-1"], ["--lr_warmup_steps must be at least 0"]),
+    (["--adam_beta1", "1.0"], ["--adam_beta1 must be in [0, 1)"]),
+    (["--dropout", "1.5"], ["--dropout must be in [0, 1)"]),
+    (["--beta_end", "1.5"], ["--beta_end must be in"]),
+    (TINY_MODEL + ["--down_block_types", "DownBlock2X", "AttnDownBlock2D"], ["DownBlock2X", "DownBlock2D"]),
+    (["--dataset_name", "custom", "--dataset_path", "no/such/folder"], ["no/such/folder", "not a folder"]),
 ])
 def test_train_validation_errors(argv, words, capsys, tmp_path):
     result = call(train_ddpm.main, [*argv, "--output_dir", tmp_path / "out", "--dry_run"], capsys)
     assert_user_error(result, *words)
     assert not (tmp_path / "out").exists() and not (tmp_path / "results").exists()
-
-
-@pytest.mark.parametrize("name, content, words", [
-    ("broken.json", '{"image_size": 32', ["broken.json", "not valid JSON"]),
-    ("typo.json", '{"image_size": 32, "lerning_rate": 0.001}', ["unknown key 'lerning_rate'", "'learning_rate'"]),
-])
-def test_train_bad_config_file(name, content, words, capsys, tmp_path):
-    (tmp_path / name).write_text(content)
-    result = call(train_ddpm.main, ["--config", tmp_path / name, "--dry_run"], capsys)
-    assert_user_error(result, *words)
-
-
-# Caught by validation, before any output_dir is made or data loaded.
-@pytest.mark.parametrize("argv, words", [
-    pytest.param(["--max_train_steps", "0"], ["--max_train_steps"], id="max_train_steps_0"),
-    pytest.param(["--checkpointing_steps", "0"], ["--checkpointing_steps"], id="checkpointing_steps_0"),
-    pytest.param(["--checkpoints_total_limit", "0"], ["--checkpoints_total_limit"], id="checkpoints_total_limit_0"),
-    pytest.param(["--lr_warmup_steps", "-1"], ["--lr_warmup_steps"], id="lr_warmup_steps_negative"),
-    pytest.param(["--adam_beta1", "1.0"], ["--adam_beta1"], id="adam_beta1_1"),
-    pytest.param(["--dropout", "1.5"], ["--dropout"], id="dropout_1.5"),
-    pytest.param(["--beta_end", "1.5"], ["--beta_end"], id="beta_end_1.5"),
-    pytest.param(TINY_MODEL + ["--down_block_types", "DownBlock2X", "AttnDownBlock2D"], ["DownBlock2X"],
-                 id="unknown_block_type"),
-    pytest.param(["--dataset_name", "custom", "--dataset_path", "no/such/folder"], ["no/such/folder"],
-                 id="missing_dataset_path"),
-])
-def test_train_validation_before_any_work(argv, words, capsys, tmp_path):
-    result = call(train_ddpm.main, [*argv, "--output_dir", tmp_path / "out", "--dry_run"], capsys)
-    assert_user_error(result, *words)
 
 
 @pytest.mark.parametrize("native_bf16, requested, expected, notice", [
@@ -309,9 +285,7 @@ def test_compile_on_a_cpu_is_dropped_with_a_notice():
 
 @pytest.mark.parametrize("argv, words", [
     (TINY_MODEL[2:] + ["--image_size", "15"], ["--image_size 15", "halved"]),
-    (["--lerning_rate", "1e-3"], ["did you mean --learning_rate?"]),
-    (["--config", "tests/no_such_config.json"], ["cannot read --config"]),
-], ids=["image_size", "unknown_flag", "missing_config"])
+], ids=["image_size"])
 def test_train_cli_validation_errors(argv, words, tmp_path):
     assert_user_error(run_cli("train_ddpm.py", *argv, "--output_dir", tmp_path / "out", check=False), *words)
     assert not (tmp_path / "out").exists()
@@ -368,13 +342,6 @@ def test_odd_modes_and_small_images_train(tmp_path):
     assert "notice: --compile needs a CUDA GPU; training uncompiled on cpu\n" in result.stdout
     assert f"training on {len(files_under(folder))} images" in result.stdout
     assert (tmp_path / "out" / "final_model" / "model_index.json").exists()
-
-
-def test_unknown_block_type(tmp_path, image_folder):
-    result = run_cli("train_ddpm.py", *train_args(tmp_path, "--dataset_name", "custom", "--dataset_path", image_folder,
-                                                  "--down_block_types", "DownBlock2X", "AttnDownBlock2D"), check=False)
-    assert_user_error(result, "DownBlock2X", "DownBlock2D")
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name, title", [("cifar10", "CIFAR-10"), ("mnist", "MNIST")])
