@@ -16,7 +16,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional
 
 import config as config_module
 from config import InferenceConfig, UserError
@@ -26,14 +26,15 @@ FEW_STEP_DEFAULT = 50  # denoising steps of every sampler but ddpm when --num_in
 
 
 def parse_config(argv: Optional[list[str]] = None) -> InferenceConfig:
-    values, _ = config_module.parse_cli(argv, "inference.py", __doc__,
-                                        config_module.flat_fields(InferenceConfig()), (InferenceConfig,))
+    values, options = config_module.parse_cli(argv, "inference.py", __doc__,
+                                              config_module.flat_fields(InferenceConfig()), (InferenceConfig,))
     cfg = config_module.build(InferenceConfig, values)
-    validate(cfg)
+    validate(cfg, given=set(vars(options)))  # the flags on the command line (argparse leaves the others out)
     return cfg
 
 
-def validate(cfg: InferenceConfig) -> None:
+def validate(cfg: InferenceConfig, given: Collection[str] = ()) -> None:
+    """Catch the user's mistakes before any work; `given` names the flags on the command line."""
     if not cfg.model_path:
         raise UserError("--model_path is required: pass the final_model/ folder that train_ddpm.py wrote")
     minimum = dict(num_images=(cfg.num_images, 1), interp_steps=(cfg.interp_steps, 2),
@@ -47,6 +48,9 @@ def validate(cfg: InferenceConfig) -> None:
         raise UserError(f"--fps must be positive, got {cfg.fps}")
     if not 0 <= cfg.eta <= 1:
         raise UserError(f"--eta must be between 0 and 1, got {cfg.eta}")
+    if cfg.interpolate and "scheduler" in given:  # a value equal to the default is still the user's intent
+        raise UserError(f"--scheduler does not apply to --interpolate, which samples with --interp_scheduler "
+                        f"(default {InferenceConfig.interp_scheduler}); pass --interp_scheduler {cfg.scheduler}")
 
 
 def load_model(model_path: str, dtype):
@@ -172,6 +176,8 @@ def run(cfg: InferenceConfig) -> None:
     import torch
 
     device, dtype = choose_device_and_dtype(cfg.dtype)
+    if cfg.compile and device.type != "cuda":
+        print("notice: --compile needs a CUDA GPU; sampling uncompiled on the CPU")
     unet, trained_schedule = load_model(cfg.model_path, dtype)
     steps = inference_steps(cfg, trained_schedule.num_train_timesteps)
     if steps > trained_schedule.num_train_timesteps:

@@ -82,12 +82,13 @@ def validate(cfg: Config) -> None:
                         sample_num_inference_steps=t.sample_num_inference_steps, norm_num_groups=m.norm_num_groups,
                         num_train_timesteps=s.num_train_timesteps, max_nonfinite_steps=t.max_nonfinite_steps,
                         max_train_steps=t.max_train_steps, checkpointing_steps=t.checkpointing_steps,
-                        checkpoints_total_limit=t.checkpoints_total_limit)
+                        checkpoints_total_limit=t.checkpoints_total_limit, attention_head_dim=m.attention_head_dim)
     for name, value in at_least_one.items():
         if value is not None and value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
+            optional = config_module.flags_of(*SECTIONS)[name].optional
+            raise UserError(f"--{name} must be at least 1{' (or none)' if optional else ''}, got {value}")
     positive = dict(learning_rate=t.learning_rate, adam_epsilon=t.adam_epsilon, beta_start=s.beta_start,
-                    snr_gamma=t.snr_gamma)
+                    snr_gamma=t.snr_gamma, ema_inv_gamma=t.ema_inv_gamma)
     for name, value in positive.items():
         if value not in (None, "auto") and not value > 0:
             raise UserError(f"--{name} must be positive, got {value}")
@@ -102,6 +103,9 @@ def validate(cfg: Config) -> None:
     if t.sample_num_inference_steps > s.num_train_timesteps:
         raise UserError(f"--sample_num_inference_steps {t.sample_num_inference_steps} exceeds the "
                         f"{s.num_train_timesteps} training timesteps; lower it")
+    if cfg.data.dataloader_num_workers < -1:
+        raise UserError(f"--dataloader_num_workers must be -1 (auto) or at least 0, got "
+                        f"{cfg.data.dataloader_num_workers}")
     if t.freeze_down_blocks and not t.pretrained_model_path:
         raise UserError("--freeze_down_blocks needs --pretrained_model_path (freezing untrained weights is pointless)")
     kind = source_kind(t.dataset_name)
@@ -562,12 +566,24 @@ def warn_if_long_on_cpu(device: torch.device, steps_left: int, seconds_per_step:
 def resolve_precision(requested: str, device: torch.device) -> tuple[str, Optional[str]]:
     """The precision accelerate runs with, and a notice when it differs from what was asked."""
     if device.type == "cuda":
+        # Pre-Ampere GPUs only emulate bf16 (slowly); accelerate refuses GPUs without it with a traceback.
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         if requested == "auto":
-            return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
+            return ("bf16" if native_bf16 else "fp16"), None
+        if requested == "bf16" and not native_bf16:
+            return "fp16", ("notice: mixed_precision bf16 needs an Ampere or newer GPU; training in fp16 "
+                            "(--mixed_precision no for fp32)")
         return requested, None
     if requested == "fp16":
         return "no", f"notice: mixed_precision fp16 needs a GPU; training in fp32 on {device.type}"
     return ("no" if requested == "auto" else requested), None
+
+
+def resolve_compile(requested: bool, device: torch.device) -> tuple[bool, Optional[str]]:
+    """Whether to torch.compile the UNet, and a notice when --compile is dropped: it pays off on CUDA GPUs only."""
+    if requested and device.type != "cuda":
+        return False, f"notice: --compile needs a CUDA GPU; training uncompiled on {device.type}"
+    return requested, None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -588,6 +604,7 @@ def train(cfg: Config) -> int:
     on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     device = PartialState(cpu=on_cpu).device
     precision, notice = resolve_precision(t.mixed_precision, device)
+    compile_unet, compile_notice = resolve_compile(t.compile, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -595,10 +612,11 @@ def train(cfg: Config) -> int:
     accelerator = Accelerator(
         cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        step_scheduler_with_optimizer=False, dynamo_backend="inductor" if t.compile else "no")
+        step_scheduler_with_optimizer=False, dynamo_backend="inductor" if compile_unet else "no")
     main = accelerator.is_main_process
-    if notice and main:
-        print(notice)
+    for line in filter(None, (notice, compile_notice)):
+        if main:
+            print(line)
     resume_from = Path(t.resume_from_checkpoint) if t.resume_from_checkpoint else None  # found by parse_config
     if t.seed is None:
         t.seed = broadcast_object_list([secrets.randbits(31)])[0]

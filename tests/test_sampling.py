@@ -39,9 +39,7 @@ def test_slerp_of_gaussian_noise_keeps_its_scale():
     torch.manual_seed(2)
     a, b = torch.randn(3, 32, 32), torch.randn(3, 32, 32)
     middle = sampling.slerp(a, b, 0.5)
-    lerp = (a + b) / 2
     assert abs(middle.std().item() - 1) < 0.05  # lerp would shrink it to about 0.71
-    assert lerp.std().item() < 0.8
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmsolver++", "euler_a", "heun"])
