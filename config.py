@@ -363,7 +363,8 @@ PRESETS: dict[str, dict[str, object]] = {
         lr_scheduler="constant_with_warmup",
         lr_warmup_steps=5000,
     ),
-    # A CPU quickstart (about 10 minutes on 2 cores): MNIST at 16 px on a 1.0M-parameter UNet, 1,500 steps.
+    # A CPU quickstart (under 10 minutes on 2 cores): MNIST at 16 px on a 1.0M-parameter UNet, 1,000 steps. The same
+    # model and steps as bench/quality.py's 1,000-step protocol (RESULTS.md shows what it draws).
     "quickstart": dict(
         dataset_name="mnist",
         image_size=16,
@@ -371,7 +372,7 @@ PRESETS: dict[str, dict[str, object]] = {
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         train_batch_size=64,
-        max_train_steps=1500,
+        max_train_steps=1000,
         save_image_epochs=1,
         save_model_epochs=1,
     ),
