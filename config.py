@@ -59,7 +59,7 @@ class TrainingConfig:
     adam_weight_decay: float = 1e-6  # AdamW decoupled weight decay
     adam_epsilon: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # clip the gradient norm to this (0 turns clipping off)
-    snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); none: plain MSE
+    snr_gamma: Optional[float] = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023; bench/RESULTS.md); none: plain MSE
     mixed_precision: MixedPrecision = "auto"  # auto: bf16 on GPUs that have it, else fp16; fp32 on CPU
     compile: bool = False  # torch.compile the UNet (GPU only; first steps are slow while it compiles)
     seed: Optional[int] = None  # makes the run reproducible; None draws one and records it in config.json

@@ -110,3 +110,16 @@ def test_auto_learning_rate_and_warmup(flags, steps, learning_rate, warmup):
 def test_count_parameters_matches_the_readme_anchor():
     cfg, _ = train_ddpm.parse_config([])
     assert train_ddpm.count_parameters(cfg) == train_ddpm.README_UNET_PARAMETERS
+
+
+def test_min_snr_weights_are_on_by_default_and_down_weight_only_the_nearly_clean_steps():
+    cfg, _ = train_ddpm.parse_config([])
+    assert cfg.training.snr_gamma == 5.0
+    scheduler = train_ddpm.build_noise_scheduler(cfg)
+    weights = train_ddpm.min_snr_weights(scheduler, cfg, torch.device("cpu"))
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    torch.testing.assert_close(weights, (snr.clamp(max=5) / snr).float())  # min(SNR, gamma) / SNR, for epsilon
+    assert weights[0] < 0.01 and weights[-1] == 1.0 and bool((weights[1:] >= weights[:-1]).all())
+    cfg.training.snr_gamma = None
+    assert train_ddpm.min_snr_weights(scheduler, cfg, torch.device("cpu")) is None
