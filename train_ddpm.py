@@ -567,7 +567,10 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, Option
     """The precision accelerate runs with, and a notice when it differs from what was asked."""
     if device.type == "cuda":
         # Pre-Ampere GPUs only emulate bf16 (slowly); accelerate refuses GPUs without it with a traceback.
-        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        try:
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # older torch has no such argument and reports native support only
+            native_bf16 = torch.cuda.is_bf16_supported()
         if requested == "auto":
             return ("bf16" if native_bf16 else "fp16"), None
         if requested == "bf16" and not native_bf16:
