@@ -94,3 +94,43 @@ def trained_run(tmp_path_factory, image_folder) -> tuple[Path, subprocess.Comple
                    "--data_dir", out.parent / "data", "--output_dir", out, "--num_epochs", EPOCHS,
                    "--save_image_epochs", 1, "--save_model_epochs", 2)
     return out, proc
+
+
+def make_random_inception_weights(path: Path) -> Path:
+    """torch-fidelity's Inception-v3 with random weights, saved as its real weights file is (NOTES.md): the real
+    loading path runs offline on it. He-initialised convolutions keep the features of order 1 through 90+ layers
+    (the default init shrinks them to ~1e-8), so different images give different features."""
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as inception_module
+
+    torch.manual_seed(0)
+    with mock.patch.object(torch.nn.Module, "load_state_dict", lambda *args, **kwargs: None), \
+            mock.patch.object(inception_module, "load_state_dict_from_url", lambda *args, **kwargs: {}):
+        model = inception_module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """The random-weights Inception file (about 96 MB), made once per test session."""
+    return make_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
+
+
+def save_tiny_pipeline(path: Path, size: int = 8, channels: int = 3) -> Path:
+    """An untrained DDPMPipeline of a UNet with 8 and 16 channels: sampling costs milliseconds."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    import torch
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(path)
+    return path
