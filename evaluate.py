@@ -110,13 +110,16 @@ def load_inception(weights_path: Optional[str], device, progress: bool = True) -
 
     name = URL_INCEPTION_V3.rsplit("/", 1)[-1]
     if weights_path is None:
-        try:
-            extractor = FeatureExtractorInceptionV3("inception-v3-compat", [FEATURE_LAYER], verbose=progress)
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / name  # where torch-fidelity's own download puts it
+        try:  # downloaded here rather than by torch-fidelity, whose "Downloading:" line would precede an error
+            if not cached.exists():
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), progress=progress)
         except OSError as e:  # urllib's URLError, a refused connection, a full disk
-            hub = Path(torch.hub.get_dir()) / "checkpoints"
-            raise UserError(f"cannot download the Inception-v3 weights into {hub} ({e.__class__.__name__}: no "
-                            f"network?); fetch {URL_INCEPTION_V3} on a machine with internet and pass the file with "
-                            f"--inception_weights {name}") from None
+            raise UserError(f"cannot download the Inception-v3 weights into {cached.parent} ({e.__class__.__name__}: "
+                            f"no network?); fetch {URL_INCEPTION_V3} on a machine with internet and pass the file "
+                            f"with --inception_weights {name}") from None
+        extractor = FeatureExtractorInceptionV3("inception-v3-compat", [FEATURE_LAYER], verbose=progress)
         weights, key, standard = URL_INCEPTION_V3, "inception-2015-12-05", True
     else:
         path = Path(weights_path).expanduser()
