@@ -441,6 +441,8 @@ def run(cfg: EvaluateConfig) -> dict:
             raise UserError(f"--num_inference_steps {steps} exceeds the model's "
                             f"{trained_schedule.num_train_timesteps} training timesteps; lower it")
         unet = unet.to(device).eval()
+        if device.type == "cuda":
+            unet = unet.to(memory_format=torch.channels_last)
         began_ref = time.perf_counter()
         reference, reference_info = (reference_data(cfg, unet.config.sample_size, inception, device) if main
                                      else (None, None))
