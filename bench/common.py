@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: the model presets, device name, FLOP count, the timed training loop."""
+"""Helpers shared by the benchmarks (and the tests): the model presets, generated data, a random-weights Inception,
+device name, FLOP count, the timed training loop."""
 
 from __future__ import annotations
 
@@ -36,6 +37,26 @@ def make_image_folder(root: Path, count: int = 12, size: tuple[int, int] = (24, 
         folder = root / "sub" if i % 3 == 0 else root
         Image.fromarray(pixels).save(folder / (f"img{i:02d}.png" if i % 2 else f"img{i:02d}.jpg"), quality=95)
     return root
+
+
+def make_random_inception_weights(path: Path) -> Path:
+    """torch-fidelity's Inception-v3 with random weights, saved as its real weights file is (NOTES.md): the real
+    loading path runs offline on it. He-initialised convolutions keep the features of order 1 through 90+ layers
+    (the default init shrinks them to ~1e-8), so different images give different features."""
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as inception_module
+
+    torch.manual_seed(0)
+    with mock.patch.object(torch.nn.Module, "load_state_dict", lambda *args, **kwargs: None), \
+            mock.patch.object(inception_module, "load_state_dict_from_url", lambda *args, **kwargs: {}):
+        model = inception_module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(model.state_dict(), path)
+    return path
 
 
 def model_config(model: str, *extra: str):

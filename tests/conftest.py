@@ -15,7 +15,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import TINY_MODEL, make_image_folder  # shared with the benchmarks (NOTES.md: not in tests/)  # noqa: E402
+# Shared with the benchmarks, so kept in bench/: NOTES.md says why not in tests/.
+from bench.common import TINY_MODEL, make_image_folder, make_random_inception_weights  # noqa: E402,F401
 
 # Fast previews and frequent logging for short runs.
 TINY_RUN = TINY_MODEL + ["--train_batch_size", "4", "--sample_num_inference_steps", "4", "--num_preview_images", "4",
@@ -96,26 +97,6 @@ def trained_run(tmp_path_factory, image_folder) -> tuple[Path, subprocess.Comple
     return out, proc
 
 
-def make_random_inception_weights(path: Path) -> Path:
-    """torch-fidelity's Inception-v3 with random weights, saved as its real weights file is (NOTES.md): the real
-    loading path runs offline on it. He-initialised convolutions keep the features of order 1 through 90+ layers
-    (the default init shrinks them to ~1e-8), so different images give different features."""
-    from unittest import mock
-
-    import torch
-    import torch_fidelity.feature_extractor_inceptionv3 as inception_module
-
-    torch.manual_seed(0)
-    with mock.patch.object(torch.nn.Module, "load_state_dict", lambda *args, **kwargs: None), \
-            mock.patch.object(inception_module, "load_state_dict_from_url", lambda *args, **kwargs: {}):
-        model = inception_module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    torch.save(model.state_dict(), path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory) -> Path:
     """The random-weights Inception file (about 96 MB), made once per test session."""
@@ -124,9 +105,8 @@ def inception_weights(tmp_path_factory) -> Path:
 
 def save_tiny_pipeline(path: Path, size: int = 8, channels: int = 3) -> Path:
     """An untrained DDPMPipeline of a UNet with 8 and 16 channels: sampling costs milliseconds."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
     import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
