@@ -30,7 +30,7 @@ from config import EvaluateConfig, UserError
 EXIT_USER_ERROR = 2
 FEATURE_LAYER = "2048"  # Inception's pool3 features, those of FID and KID
 FEATURE_BATCH = 64  # images per Inception forward pass (torch-fidelity's default)
-KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's defaults (Binkowski et al. 2018); the size is capped by the counts
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's defaults (Binkowski et al. 2018); size capped by the counts
 STANDARD_WEIGHTS_SHA256 = "6726825d"  # the start of the sha256 of torch-fidelity's converted 2015-12-05 weights
 TRAINING_EVAL_BATCH = 128  # images per sampling pass during training (halved on out-of-memory)
 
@@ -166,20 +166,27 @@ def reference_statistics(dataset, inception: Inception, device, progress: bool =
     from torch_fidelity.metric_fid import fid_features_to_statistics
     from tqdm.auto import tqdm
 
-    path = dataset.path.with_name(f"{dataset.path.stem}-{inception.key}.npz")
+    path = statistics_path(dataset, inception)
     if path.exists():
         with np.load(path) as stored:
             return {name: stored[name] for name in stored.files}
+    chunk, parts = 1024, []  # images read from the cache at a time
     with tqdm(total=len(dataset), desc="reference features", unit="img", disable=not progress) as bar:
-        chunks = [inception_features(inception, dataset.__getitems__(list(range(start, min(start + 1024, len(dataset))))),
-                                     device, bar) for start in range(0, len(dataset), 1024)]
-    features = torch.cat(chunks)
+        for start in range(0, len(dataset), chunk):
+            images = dataset.__getitems__(list(range(start, min(start + chunk, len(dataset)))))
+            parts.append(inception_features(inception, images, device, bar))
+    features = torch.cat(parts)
     stats = {**fid_features_to_statistics(features), "features": features.numpy()}
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the name
+    from sampling import atomic_write
+
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
         np.savez(f, **stats)
-    os.replace(tmp, path)
     return stats
+
+
+def statistics_path(dataset, inception: Inception) -> Path:
+    """Beside the dataset's cache and named after it (remove_stale_caches deletes both) and after the weights."""
+    return dataset.path.with_name(f"{dataset.path.stem}-{inception.key}.npz")
 
 
 def load_statistics_file(path: str) -> dict:
@@ -278,7 +285,9 @@ def generated_features(unet, sampler, seeds: list[int], steps: int, batch_size: 
             bar.update(min(len(chunk) * state.num_processes, bar.total - bar.n))  # the others keep the same pace
     mine_features = torch.cat(features) if features else torch.zeros(0, int(FEATURE_LAYER))
     _, all_features = gather_by_seed(state, mine, mine_features)
-    all_images = gather_by_seed(state, mine, torch.cat(images) if images else torch.zeros(0))[1] if keep_images else None
+    all_images = None
+    if keep_images:
+        all_images = gather_by_seed(state, mine, torch.cat(images) if images else torch.zeros(0))[1]
     return all_features, all_images, seconds
 
 
@@ -381,10 +390,10 @@ def reference_data(cfg: EvaluateConfig, image_size: int, inception: Inception, d
     stats = reference_statistics(dataset, inception, device)
     return stats, {"dataset": cfg.reference, "dataset_path": cfg.dataset_path, "images": len(dataset),
                    "image_size": image_size, "channels": int(dataset[0].shape[0]),
-                   "statistics_file": str(dataset.path.with_name(f"{dataset.path.stem}-{inception.key}.npz"))}
+                   "statistics_file": str(statistics_path(dataset, inception))}
 
 
-def read_images(folder: str) -> "torch.Tensor":  # noqa: F821
+def read_images(folder: str):
     """Every image in the folder as uint8 [N, 3, S, S]: as stored when they share one square size (generated
     images), else resized and centre-cropped to the smallest side by dataset.py."""
     import numpy as np

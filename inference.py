@@ -115,7 +115,8 @@ def inference_steps(cfg: InferenceConfig, num_train_timesteps: int) -> int:
     ancestral sampler needs every training timestep; the others are made for few steps."""
     if cfg.num_inference_steps is not None:
         return cfg.num_inference_steps
-    sampler = cfg.interp_scheduler if getattr(cfg, "interpolate", False) else cfg.scheduler  # evaluate.py: no interpolation
+    interpolating = getattr(cfg, "interpolate", False)  # evaluate.py's config has no interpolation
+    sampler = cfg.interp_scheduler if interpolating else cfg.scheduler
     return num_train_timesteps if sampler == "ddpm" else min(FEW_STEP_DEFAULT, num_train_timesteps)
 
 
