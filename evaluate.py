@@ -14,6 +14,7 @@ one line and writes output_dir/metrics.json.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -136,13 +137,28 @@ def load_inception(weights_path: Optional[str], device, progress: bool = True) -
     return Inception(extractor.to(device).eval(), weights, key, standard)
 
 
+@contextlib.contextmanager
+def full_float32(device):
+    """Inception in true float32, the precision of torch-fidelity's reference figures: no autocast (training samples
+    under it) and no TF32, which PyTorch allows by default for cuDNN convolutions on Ampere and later GPUs."""
+    import torch
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def inception_features(inception: Inception, images, device, bar=None):
     """[N, 2048] float32 features (CPU) of uint8 [N, C, H, W] images; greyscale is read as RGB, as torch-fidelity
     reads a greyscale file. torch-fidelity resizes each image to 299 px itself."""
     import torch
 
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), full_float32(torch.device(device)):
         for start in range(0, len(images), FEATURE_BATCH):
             batch = images[start:start + FEATURE_BATCH]
             batch = batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
