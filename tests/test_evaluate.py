@@ -181,3 +181,16 @@ def test_evaluate_validation_errors_are_one_line(argv, words, capsys):
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and all(word in err for word in words), err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--eval_epochs", "0"], ["--eval_epochs must be at least 1 (or none)"]),
+    (["--eval_epochs", "1", "--eval_num_images", "1"], ["--eval_num_images must be at least 2"]),
+    (["--eval_epochs", "1", "--inception_weights", "missing.pth"], ["--inception_weights missing.pth does not exist"]),
+])
+def test_training_evaluation_settings_are_checked_before_training(argv, words, tmp_path, capsys):
+    import train_ddpm
+
+    assert train_ddpm.main([*argv, "--output_dir", str(tmp_path / "out"), "--dry_run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(word in err for word in words), err
