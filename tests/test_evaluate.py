@@ -194,3 +194,15 @@ def test_training_evaluation_settings_are_checked_before_training(argv, words, t
     assert train_ddpm.main([*argv, "--output_dir", str(tmp_path / "out"), "--dry_run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and all(word in err for word in words), err
+
+
+def test_a_folder_holding_a_diffusers_unet_is_scored_like_a_pipeline(scored, tmp_path):
+    import shutil
+
+    _, model, _, _ = scored
+    for part in ("unet", "scheduler"):  # a checkpoint that holds the diffusers UNet, without model_index.json
+        shutil.copytree(model / part, tmp_path / part)
+    unet, schedule = evaluate.load_model(str(tmp_path), torch.float32)
+    reference, reference_schedule = inference.load_model(str(model), torch.float32)
+    assert unet.config.sample_size == 8 and dict(schedule) == dict(reference_schedule)
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reference.state_dict().values()))
