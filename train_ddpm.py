@@ -33,9 +33,10 @@ import torch.nn.functional as F
 import config as config_module
 from config import Config, DataConfig, ModelConfig, SchedulerConfig, TrainingConfig, UserError
 from dataset import load_dataset, make_dataloader, source_kind, to_model_input
+from evaluate import TrainingEvaluator, validate_training as validate_evaluation
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(epoch|step)-(\d+)$")
-RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png")
+RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png", "best_model")
 EXIT_USER_ERROR, EXIT_NONFINITE = 2, 3
 LONG_CPU_RUN_S = 3600  # a CPU run estimated to take longer gets a hint towards a small preset
 
@@ -100,6 +101,7 @@ def validate(cfg: Config) -> None:
         if value != "auto" and not (value >= low and (high is None or value < high)):
             bounds = f"at least {low}" if high is None else f"in [{low}, {high})"
             raise UserError(f"--{name} must be {bounds}, got {value}")
+    validate_evaluation(t)
     if t.sample_num_inference_steps > s.num_train_timesteps:
         raise UserError(f"--sample_num_inference_steps {t.sample_num_inference_steps} exceeds the "
                         f"{s.num_train_timesteps} training timesteps; lower it")
@@ -675,6 +677,7 @@ def train(cfg: Config) -> int:
         print(f"training on {len(dataset)} images, {accelerator.num_processes} process(es) on {device.type}, "
               f"{precision_name(precision)}: {total_steps} optimizer steps of {t.train_batch_size} x "
               f"{accelerator.num_processes} x {t.gradient_accumulation_steps} images; outputs in {out}")
+    evaluator = TrainingEvaluator(cfg, accelerator, dataset, out) if t.eval_epochs else None  # FID/KID (evaluate.py)
 
     # --- 5. The loop ---------------------------------------------------------------------------------
     signals = StopSignal()
@@ -732,6 +735,9 @@ def train(cfg: Config) -> int:
             if epoch % t.save_image_epochs == 0:
                 draw_previews(accelerator, unet, ema, cfg, noise_scheduler, out / f"samples_epoch_{epoch}.png",
                               writer, "samples", progress.global_step)
+            if evaluator and epoch % t.eval_epochs == 0:
+                with ema_weights(ema, unet):
+                    evaluator(unet, noise_scheduler, progress.global_step, record)
             if epoch % t.save_model_epochs == 0:
                 save_checkpoint(accelerator, out, f"checkpoint-epoch-{epoch}", progress, record,
                                 t.checkpoints_total_limit)
