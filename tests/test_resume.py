@@ -213,7 +213,7 @@ def lr_by_run(out: Path) -> list[dict[int, float]]:
     return runs
 
 
-def test_extend_a_finished_run_with_new_settings_then_resume_an_older_checkpoint(image_folder, tmp_path):
+def test_extend_a_finished_run_with_new_settings_then_resume_an_older_one(image_folder, tmp_path, capsys):
     out, peak = tmp_path / "run", 1e-3
     cosine = ["--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--learning_rate", peak]
     # 6 steps: checkpoint-step-4 (periodic) and, as every run that ends normally, checkpoint-step-6.
@@ -234,6 +234,12 @@ def test_extend_a_finished_run_with_new_settings_then_resume_an_older_checkpoint
                        "--max_train_steps", 9)
     assert "from its current value at step 4 down to 0 at step 9" in rollback.stdout
     assert find_checkpoint(str(out), "latest") == out / "checkpoint-step-9"  # what --resume_from_checkpoint uses
+    # What the weights and the optimizer were built for is refused on resume, with one line.
+    import train_ddpm
+
+    assert train_ddpm.main(["--output_dir", str(out), "--resume_from_checkpoint", "latest", "--lr_scheduler",
+                            "linear", "--dry_run"]) == 2
+    assert "--lr_scheduler cannot change when resuming (the checkpoint has cosine)" in capsys.readouterr().err
     first, second, third = lr_by_run(out)[:3]
     assert first[6] == 0 and first[4] == pytest.approx(peak / 2)  # the cosine's middle: (4 - 2) / (6 - 2)
     assert second[7] == pytest.approx(peak / 2) and second[8] == pytest.approx(peak)  # warmed up from 0 again
@@ -274,3 +280,10 @@ def test_fp16_overflow_skips_are_not_nonfinite_and_advance_neither_lr_nor_ema(tm
     assert parts.lr_schedule.last_epoch == 1 and parts.lr_schedule.get_last_lr() == [pytest.approx(0.9e-3)]
     assert parts.ema.optimization_step == 1
     AcceleratorState._reset_state(True)
+
+
+def test_checkpoint_weights_drop_the_names_of_wrappers():
+    from checkpoint import strip_wrapper_prefixes
+
+    weights = {"_orig_mod.module.conv_in.weight": 1, "module.up_blocks.0.module.x": 2, "conv_out.bias": 3}
+    assert strip_wrapper_prefixes(weights) == {"conv_in.weight": 1, "up_blocks.0.module.x": 2, "conv_out.bias": 3}
