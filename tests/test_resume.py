@@ -159,7 +159,10 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_advice(image_folder
     assert "NaN/inf" in proc.stderr and "--learning_rate" in proc.stderr and "Traceback" not in proc.stderr
     (checkpoint,) = out.glob("checkpoint-step-*")
     state = load_checkpoint_state(checkpoint)
-    assert state["progress"]["nonfinite_steps"] >= 3
+    progress = state["progress"]
+    assert progress["nonfinite_steps"] >= 3 and progress["skipped_steps"] == progress["nonfinite_steps"]
+    applied = progress["global_step"] - progress["skipped_steps"]
+    assert state["ema"]["optimization_step"] == applied, "the EMA does not advance on a skipped step"
     assert all(torch.isfinite(w).all() for w in state["model"].values()), "skipped steps leave the weights finite"
     assert not (out / "final_model").exists()
 
