@@ -72,8 +72,16 @@ def test_two_processes_train_write_once_and_resume_in_one(image_folder, tmp_path
     cfg.training.pretrained_model_path = str(old)
     assert torch.equal(train_ddpm.load_pretrained(cfg, 3).state_dict()["conv_in.weight"], weights["conv_in.weight"])
 
-    # Resumed by one process from the final checkpoint, in the middle of epoch 2: another data layout, so it goes
-    # on at the start of epoch 3 and says so.
+    # The final checkpoint made to look as before checkpoint.py (weights under DDP's names, no pipeline, no
+    # skipped_steps, lr_segment or save sequence), then resumed by one process in the middle of epoch 2: another data
+    # layout, so it goes on at the start of epoch 3 and says so.
+    final = out / "checkpoint-step-4"
+    save_file({f"module.{k}": v for k, v in load_file(final / "model.safetensors").items()}, final / "model.safetensors")
+    shutil.rmtree(final / "unet"), shutil.rmtree(final / "scheduler"), (final / "model_index.json").unlink()
+    for progress_file in out.glob("checkpoint-*/progress.json"):
+        progress = json.loads(progress_file.read_text())
+        progress_file.write_text(json.dumps({k: v for k, v in progress.items()
+                                             if k not in ("skipped_steps", "lr_segment", "sequence")}))
     resumed = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps", 6)
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
     assert "processes 2 -> 1" in resumed.stdout and "start of epoch 3" in resumed.stdout
