@@ -227,7 +227,8 @@ def load_pretrained(cfg: Config, channels: int):
         saved = config_module.build(Config, {**default_values(),
                                              **config_module.read_config_file(path / "config.json", SECTIONS)})
         unet = build_unet(saved, read_json(path / "config.json")["_provenance"]["channels"])
-        unet.load_state_dict(strip_wrapper_prefixes(load_file(path / "model.safetensors")))  # an older checkpoint (no unet/)
+        # A checkpoint without unet/ (older versions): its training weights, stored under DDP's names by 2 processes.
+        unet.load_state_dict(strip_wrapper_prefixes(load_file(path / "model.safetensors")))
     else:
         raise UserError(f"--pretrained_model_path {path} is neither a final_model/ folder nor a checkpoint folder")
     if unet.config.sample_size != cfg.training.image_size or unet.config.in_channels != channels:
@@ -619,12 +620,14 @@ def load_data(cfg: Config, accelerator):
     if accelerator.is_main_process:
         prepare_output_dir(cfg)
     accelerator.wait_for_everyone()
-    loader, order = make_dataloader(dataset, cfg.training.train_batch_size, accelerator.num_processes, cfg.training.seed,
+    t = cfg.training
+    loader, order = make_dataloader(dataset, t.train_batch_size, accelerator.num_processes, t.seed,
                                     cfg.data.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
     return dataset, accelerator.prepare(loader), order
 
 
-def resume(accelerator, parts: TrainingParts, cfg: Config, checkpoint: Path, total_steps: int) -> Progress:
+def resume(accelerator, parts: TrainingParts, cfg: Config, checkpoint: Path, total_steps: int,
+           steps_per_epoch: int) -> Progress:
     """Stage 4: the checkpoint's training state, with this run's settings applied over it. A changed data layout
     (processes, batch size, accumulation) cannot continue mid-epoch, so it starts at the next epoch."""
     t, main = cfg.training, accelerator.is_main_process
@@ -644,7 +647,11 @@ def resume(accelerator, parts: TrainingParts, cfg: Config, checkpoint: Path, tot
         else:
             notices.append(f"notice: {changes}; training continues at the start of epoch {progress.epoch + 1}")
     curve = parts.lr_schedule.lr_lambdas[0]
-    curve.segment = list(progress.lr_segment or curve.segment)  # older checkpoints: the run's first curve
+    if progress.lr_segment:
+        curve.segment = list(progress.lr_segment)
+    else:  # a checkpoint older than lr_segment: its run's one curve, which ended where that run was to end
+        saved_run = read_json(checkpoint / "config.json")["training"]
+        curve.segment[3] = saved_run["max_train_steps"] or saved_run["num_epochs"] * steps_per_epoch
     notices.append(curve.extend(progress.applied_steps, total_steps, t.lr_warmup_steps))
     set_lr_position(parts.lr_schedule, progress.applied_steps)
     for line in filter(None, notices):
@@ -701,7 +708,9 @@ def train(cfg: Config) -> int:
                            mixed_precision=precision, device=str(device), dataset_images=len(dataset))
     # --- 4. Resume -----------------------------------------------------------------------------------
     resumed_from = Path(t.resume_from_checkpoint) if t.resume_from_checkpoint else None  # found by parse_config
-    progress = resume(accelerator, parts, cfg, resumed_from, total_steps) if resumed_from else Progress()
+    progress = Progress()
+    if resumed_from:
+        progress = resume(accelerator, parts, cfg, resumed_from, total_steps, steps_per_epoch)
     # --- 5. Logging ----------------------------------------------------------------------------------
     writer = start_logging(accelerator, cfg, record, progress, dataset, parts)
     if main:

@@ -76,15 +76,18 @@ def test_two_processes_train_write_once_and_resume_in_one(image_folder, tmp_path
     # skipped_steps, lr_segment or save sequence), then resumed by one process in the middle of epoch 2: another data
     # layout, so it goes on at the start of epoch 3 and says so.
     final = out / "checkpoint-step-4"
-    save_file({f"module.{k}": v for k, v in load_file(final / "model.safetensors").items()}, final / "model.safetensors")
+    final_weights = load_file(final / "model.safetensors")
+    save_file({f"module.{k}": v for k, v in final_weights.items()}, final / "model.safetensors")
     shutil.rmtree(final / "unet"), shutil.rmtree(final / "scheduler"), (final / "model_index.json").unlink()
     for progress_file in out.glob("checkpoint-*/progress.json"):
         progress = json.loads(progress_file.read_text())
         progress_file.write_text(json.dumps({k: v for k, v in progress.items()
                                              if k not in ("skipped_steps", "lr_segment", "sequence")}))
-    resumed = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps", 6)
+    resumed = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "latest",
+                      "--max_train_steps", 6)
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
     assert "processes 2 -> 1" in resumed.stdout and "start of epoch 3" in resumed.stdout
+    assert "curve had reached 0 at step 4" in resumed.stdout  # the old run's LR curve, ended at its 4 steps
     assert resumed.stdout.count("done: 6 steps") == 1
     assert json.loads((out / "checkpoint-step-6" / "progress.json").read_text())["epoch"] == 2
     assert (out / "final_model" / "model_index.json").exists()

@@ -129,7 +129,8 @@ def test_sigterm_or_ctrl_c_checkpoints_and_a_fine_tune_resumes_to_the_end(image_
     stopped, end = load_checkpoint_state(latest), load_checkpoint_state(out / f"checkpoint-step-{stopped_at + 2}")
     frozen = [k for k in pretrained if k.startswith(("down_blocks.", "conv_in."))]
     assert frozen and all(torch.equal(pretrained[k], end["model"][k]) for k in frozen), "still frozen after resume"
-    assert any(not torch.equal(stopped["model"][k], end["model"][k]) for k in end["model"] if k.startswith("up_blocks."))
+    decoder = [k for k in end["model"] if k.startswith("up_blocks.")]
+    assert any(not torch.equal(stopped["model"][k], end["model"][k]) for k in decoder)
     assert end["optimizer"]["state"][0]["step"] == stopped["optimizer"]["state"][0]["step"] + 2, "AdamW state resumed"
     assert json.loads((out / "config.json").read_text())["training"]["freeze_down_blocks"] is True
 
