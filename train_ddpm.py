@@ -283,7 +283,7 @@ class TrainingParts:
     model: torch.nn.Module  # as prepared by accelerate (DDP, torch.compile): what the step runs
     unet: torch.nn.Module  # the plain UNet inside it: EMA, previews and saving use this
     optimizer: torch.optim.Optimizer  # accelerate's wrapper of AdamW
-    fused: bool  # fused AdamW: a NaN/inf step is skipped on the device, without a sync
+    fused: bool  # fused AdamW: it skips a NaN/inf step itself, given found_inf
     lr_schedule: torch.optim.lr_scheduler.LRScheduler  # stepped once per optimizer step
     ema: Optional[object]  # diffusers EMAModel, or None
     noise_scheduler: object  # the DDPMScheduler that noises the training images
@@ -746,7 +746,7 @@ def train(cfg: Config) -> int:
             # Stop decisions are taken at log steps only, where every process reads the same numbers.
             if progress.global_step % t.logging_steps == 0 or progress.global_step == total_steps:
                 stats = window.read(signals.signum, t.train_batch_size)  # the loop's only collective
-                progress.nonfinite_steps += stats["skipped"]
+                progress.nonfinite_steps += stats["nonfinite"]
                 lr = parts.lr_schedule.get_last_lr()[0]
                 accelerator.log({"train/loss": stats["loss"], "train/lr": lr, "train/img_per_s": stats["img_per_s"],
                                  "train/nonfinite_steps": progress.nonfinite_steps}, step=progress.global_step)
@@ -802,7 +802,7 @@ class LogWindow:
         self.accelerator = accelerator
         device = accelerator.device
         self.loss_sum = torch.zeros((), device=device)
-        self.skipped = torch.zeros((), device=device)
+        self.nonfinite = torch.zeros((), device=device)
         self.in_a_row = torch.zeros((), device=device)
         self.batches, self.started = 0, time.perf_counter()
 
@@ -810,19 +810,19 @@ class LogWindow:
         self.loss_sum += loss
         self.batches += 1
         if finite is not None:
-            self.skipped += ~finite
+            self.nonfinite += ~finite
             self.in_a_row = (self.in_a_row + 1) * ~finite
 
     def read(self, signum: Optional[int], batch_size: int) -> dict:
         """Average over processes and reset the window (a collective: every process calls it together)."""
         n = self.accelerator.num_processes
         signalled = torch.tensor(float(bool(signum)), device=self.loss_sum.device)
-        values = torch.stack([self.loss_sum / self.batches, self.skipped, self.in_a_row, signalled])
-        loss, skipped, in_a_row, signal_share = self.accelerator.reduce(values, "mean").tolist()
+        values = torch.stack([self.loss_sum / self.batches, self.nonfinite, self.in_a_row, signalled])
+        loss, nonfinite, in_a_row, signal_share = self.accelerator.reduce(values, "mean").tolist()
         seconds = time.perf_counter() - self.started
-        stats = {"loss": loss, "skipped": round(skipped), "in_a_row": round(in_a_row), "signal": signal_share > 0,
+        stats = {"loss": loss, "nonfinite": round(nonfinite), "in_a_row": round(in_a_row), "signal": signal_share > 0,
                  "img_per_s": self.batches * batch_size * n / seconds}
-        self.loss_sum.zero_(), self.skipped.zero_()
+        self.loss_sum.zero_(), self.nonfinite.zero_()
         self.batches, self.started = 0, time.perf_counter()
         return stats
 
