@@ -361,9 +361,10 @@ class LRCurve:
             return peak * (float(step) / float(max(1.0, warmup)))
         if self.kind == "constant_with_warmup":
             return peak
-        progress = float(step - warmup) / float(max(1, end - start - warmup))
+        span = end - start
         if self.kind == "linear":
-            return peak * max(0.0, 1.0 - progress)
+            return peak * max(0.0, float(span - step) / float(max(1, span - warmup)))
+        progress = float(step - warmup) / float(max(1, span - warmup))
         return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     def extend(self, step: int, end: int, warmup: int) -> Optional[str]:

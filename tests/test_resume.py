@@ -293,3 +293,19 @@ def test_checkpoint_weights_drop_the_names_of_wrappers():
 
     weights = {"_orig_mod.module.conv_in.weight": 1, "module.up_blocks.0.module.x": 2, "conv_out.bias": 3}
     assert strip_wrapper_prefixes(weights) == {"conv_in.weight": 1, "up_blocks.0.module.x": 2, "conv_out.bias": 3}
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant_with_warmup", "constant"])
+def test_lr_curve_is_diffusers_schedule_and_extends_without_a_jump(kind):
+    from diffusers.optimization import get_scheduler
+
+    import train_ddpm
+
+    reference = get_scheduler(kind, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                              num_warmup_steps=3, num_training_steps=10).lr_lambdas[0]
+    curve = train_ddpm.LRCurve(kind, [0, 3, 1.0, 10])
+    assert [curve(step) for step in range(12)] == [reference(step) for step in range(12)]
+    at_resume = curve(6)
+    curve.extend(6, 20, warmup=3)  # the run goes on to step 20
+    assert curve(6) == pytest.approx(at_resume)
+    assert curve(20) == (at_resume if kind.startswith("constant") else 0) and curve(13) <= at_resume
