@@ -223,10 +223,12 @@ def test_extend_a_finished_run_with_new_settings_then_resume_an_older_one(image_
     # 6 steps: checkpoint-step-4 (periodic) and, as every run that ends normally, checkpoint-step-6.
     run_cli("train_ddpm.py", *train_args(image_folder, out, "--max_train_steps", 6, *cosine))
     assert progress_of(out / "checkpoint-step-6")["global_step"] == 6
-    # Extended to 10 steps, with other AdamW and EMA settings: they take effect and config.json records them.
+    # Extended to 10 steps, with other AdamW and EMA settings: they take effect and config.json records them. A new
+    # batch size starts at an epoch boundary (step 6 ends epoch 2), where it changes nothing else.
     extended = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps",
-                       10, "--adam_beta1", 0.8, "--ema_power", 0.5)
+                       10, "--adam_beta1", 0.8, "--ema_power", 0.5, "--train_batch_size", 2)
     assert "at step 6" in extended.stdout and "a new one warms up from 0 over 2 steps" in extended.stdout
+    assert "train_batch_size 4 -> 2; training continues at the start of epoch 3" in extended.stdout
     state = load_checkpoint_state(out / "checkpoint-step-10")
     assert state["optimizer"]["param_groups"][0]["betas"][0] == 0.8 and state["ema"]["power"] == 0.5
     assert state["ema"]["optimization_step"] == 10
