@@ -55,7 +55,8 @@ class Progress:
     batches_in_epoch: int = 0  # micro-batches of the current epoch done (per process)
     nonfinite_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient (fp16 loss-scale search excluded)
     skipped_steps: int = 0  # optimizer steps not applied, for any reason (NaN/inf, fp16 loss-scale overflow)
-    lr_segment: Optional[list] = None  # the LR curve in force: [start, warmup, peak, end] (see train_ddpm.lr_factor)
+    lr_segment: Optional[list] = None  # the LR curve in force: [start, warmup, peak, end] (see train_ddpm.LRCurve)
+    lineage: list = dataclasses.field(default_factory=list)  # save sequence numbers of the checkpoints this run grew from
 
     @property
     def applied_steps(self) -> int:
@@ -64,9 +65,12 @@ class Progress:
 
     @classmethod
     def read(cls, checkpoint: Path) -> "Progress":
-        """progress.json, ignoring keys this version does not know (and missing ones: older checkpoints)."""
+        """progress.json, ignoring keys this version does not know (and missing ones: older checkpoints). The
+        checkpoint itself joins the lineage of the run that resumes from it."""
         saved = read_json(checkpoint / "progress.json")
-        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+        progress = cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+        progress.lineage = [*progress.lineage, saved.get("sequence", 0)]
+        return progress
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,17 +177,25 @@ def save_checkpoint(accelerator, output_dir: Path, name: str, progress: Progress
         write_json(tmp / "config.json", record)
         sequence = 1 + max((save_order(p)[0] for p in list_checkpoints(output_dir)), default=0)
         write_json(tmp / "progress.json", {**dataclasses.asdict(progress), "sequence": sequence})
+        progress.lineage.append(sequence)  # on the main process, which alone rotates
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        rotate(output_dir, total_limit)
+        rotate(output_dir, total_limit, progress.lineage)
     accelerator.wait_for_everyone()
     return final
 
 
-def rotate(output_dir: Path, total_limit: Optional[int]) -> None:
-    """Keep the newest total_limit saves (by save order: an abandoned branch goes before the current one)."""
-    for old in list_checkpoints(output_dir)[:-total_limit] if total_limit else []:
+def rotate(output_dir: Path, total_limit: Optional[int], lineage: list[int]) -> None:
+    """Keep total_limit checkpoints: those of a branch abandoned by resuming from an older checkpoint go first, then
+    the oldest of this run's lineage (checkpoints older than save sequences count as on it)."""
+    if not total_limit:
+        return
+
+    def abandoned(path: Path) -> bool:
+        return save_order(path)[0] not in (0, *lineage)
+
+    for old in sorted(list_checkpoints(output_dir), key=lambda p: (not abandoned(p), save_order(p)))[:-total_limit]:
         shutil.rmtree(old)
 
 

@@ -236,12 +236,13 @@ def test_extend_a_finished_run_with_new_settings_then_resume_an_older_one(image_
     assert record["adam_beta1"] == 0.8 and record["ema_power"] == 0.5 and record["max_train_steps"] == 10
     # Back to checkpoint-step-4 (mid-way down the 6-step cosine), to end at step 9: the LR goes on down from where it
     # was, and `latest` is this new branch's checkpoint-step-9, not the abandoned checkpoint-step-10.
-    # Rotation keeps the newest saves: the abandoned checkpoint-step-10 goes, this branch's 8 (periodic) and 9 stay.
+    # Rotation drops the abandoned branch first (6, then 10; 8 is overwritten by this branch's periodic save) and
+    # keeps this branch's 4, 8 and 9.
     rollback = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "checkpoint-step-4",
-                       "--max_train_steps", 9, "--checkpoints_total_limit", 2)
+                       "--max_train_steps", 9, "--checkpoints_total_limit", 3)
     assert "from its current value at step 4 down to 0 at step 9" in rollback.stdout
     assert find_checkpoint(str(out), "latest") == out / "checkpoint-step-9"  # what --resume_from_checkpoint uses
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-step-8", "checkpoint-step-9"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-step-{n}" for n in (4, 8, 9)]
     # What the weights and the optimizer were built for is refused on resume, with one line.
     import train_ddpm
 
