@@ -56,7 +56,7 @@ class Progress:
     nonfinite_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient (fp16 loss-scale search excluded)
     skipped_steps: int = 0  # optimizer steps not applied, for any reason (NaN/inf, fp16 loss-scale overflow)
     lr_segment: Optional[list] = None  # the LR curve in force: [start, warmup, peak, end] (see train_ddpm.LRCurve)
-    lineage: list = dataclasses.field(default_factory=list)  # save sequence numbers of the checkpoints this run grew from
+    lineage: list = dataclasses.field(default_factory=list)  # save sequence numbers of the checkpoints it grew from
 
     @property
     def applied_steps(self) -> int:
