@@ -82,6 +82,10 @@ class TrainingConfig:
     sample_scheduler: Sampler = "ddim"  # preview sampler
     sample_num_inference_steps: int = 50  # preview sampling steps
     display_size: int = 256  # preview and training-data grids show each image at least this many px (0: native)
+    # Quality during training (evaluate.py): FID and KID of the EMA weights against the training set.
+    eval_epochs: Optional[int] = None  # every N epochs: FID/KID to TensorBoard (eval/fid, eval/kid), best model by FID kept as best_model/; none: off
+    eval_num_images: int = 2000  # images per evaluation, drawn with sample_scheduler and sample_num_inference_steps
+    inception_weights: Optional[str] = None  # torch-fidelity's Inception-v3 weights file, for offline machines; none: downloaded on first use
 
 
 @dataclass
@@ -152,6 +156,27 @@ class InferenceConfig:
     display_size: int = 256  # grid.png, the strip and the GIF show each image at least this many px (0: native)
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the UNet (GPU only)
+
+
+@dataclass
+class EvaluateConfig:
+    """Settings of evaluate.py (FID and KID against a reference set)."""
+
+    model_path: Optional[str] = None  # a final_model/ or best_model/ folder (a DDPMPipeline), a folder holding unet/, or a Hub id such as google/ddpm-cifar10-32
+    images: Optional[str] = None  # score the images in this folder (searched recursively) instead of generating them
+    reference: str = "cifar10"  # cifar10, mnist, custom (images in --dataset_path; any --dataset_name of train_ddpm.py works) or a FILE.npz of statistics (mu, sigma; features for KID)
+    dataset_path: Optional[str] = None  # reference custom: a folder or .zip of images; parquet: its files
+    data_dir: str = "./data"  # where CIFAR-10/MNIST are downloaded and the reference statistics are cached (in data_dir/cache)
+    num_images: int = 50000  # images to generate and score (50,000: the papers' protocol)
+    scheduler: Sampler = "ddpm"  # sampler
+    num_inference_steps: Optional[int] = None  # denoising steps; None: the sampler's default (ddpm 1000, the others 50)
+    eta: float = 0.0  # DDIM noise (0: deterministic, 1: DDPM-like)
+    batch_size: int = 256  # images per UNet forward pass (halved automatically on out-of-memory)
+    seed: int = 0  # image i is drawn from seed + i, as in inference.py
+    output_dir: str = "./eval_results"  # where metrics.json goes
+    save_images: bool = False  # also write each generated image as images/seed{N}.png (score them again with --images)
+    inception_weights: Optional[str] = None  # torch-fidelity's Inception-v3 weights file, for offline machines; none: downloaded on first use
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # of the UNet; auto: fp16 on GPU, fp32 on CPU
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -495,8 +495,8 @@ def remove_stale_caches(path: Path) -> None:
     """Delete the caches the new one at `path` replaces (same slot, older content), so data_dir/cache holds at
     most one file per source, size and channel request. A run still reading one keeps its open memory map."""
     slot = path.stem.rsplit("-", 1)[0]
-    for stale in path.parent.glob(f"{slot}-*"):
-        if stale.suffix in (".npy", ".json") and stale.stem != path.stem:
+    for stale in path.parent.glob(f"{slot}-*"):  # .npz: evaluate.py's reference statistics of that content
+        if stale.suffix in (".npy", ".json", ".npz") and not stale.name.startswith(path.stem):
             stale.unlink(missing_ok=True)
 
 

@@ -3,8 +3,10 @@
     python inference.py --model_path ./results/final_model --num_images 16 --output_dir ./inference_results
     python inference.py --model_path ./results/final_model --scheduler dpmsolver++ --num_inference_steps 20
     python inference.py --model_path ./results/final_model --interpolate --interp_steps 10 --output_dir ./interp
+    accelerate launch inference.py --model_path ./results/final_model --num_images 1000   # or torchrun
 
-Image i is drawn from seed + i: the same image whatever --batch_size or device. Every run writes
+Image i is drawn from seed + i: the same image whatever --batch_size, device or number of processes (under
+accelerate launch or torchrun each process draws a share of the seeds; the main process writes). Every run writes
 manifest.json listing each file with its seed, sampler, steps and model. Without --num_inference_steps each
 sampler takes its own default: every training timestep (1000) for ddpm, 50 for the others.
 """
@@ -84,14 +86,16 @@ def load_model(model_path: str, dtype):
     return pipeline.unet, pipeline.scheduler.config
 
 
-def choose_device_and_dtype(requested: str):
+def choose_device_and_dtype(requested: str, device=None, quiet: bool = False):
+    """The device (this process's, when given) and the UNet's dtype."""
     import torch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "auto":
         return device, torch.float16 if device.type == "cuda" else torch.float32
     if requested in ("fp16", "bf16") and device.type != "cuda":
-        print(f"notice: --dtype {requested} needs a GPU; sampling in fp32 on the CPU")
+        if not quiet:
+            print(f"notice: --dtype {requested} needs a GPU; sampling in fp32 on the CPU")
         return device, torch.float32
     return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[requested]
 
@@ -112,7 +116,8 @@ def inference_steps(cfg: InferenceConfig, num_train_timesteps: int) -> int:
     ancestral sampler needs every training timestep; the others are made for few steps."""
     if cfg.num_inference_steps is not None:
         return cfg.num_inference_steps
-    sampler = cfg.interp_scheduler if cfg.interpolate else cfg.scheduler
+    interpolating = getattr(cfg, "interpolate", False)  # evaluate.py's config has no interpolation
+    sampler = cfg.interp_scheduler if interpolating else cfg.scheduler
     return num_train_timesteps if sampler == "ddpm" else min(FEW_STEP_DEFAULT, num_train_timesteps)
 
 
@@ -127,13 +132,17 @@ def write_manifest(out: Path, cfg: InferenceConfig, sampler_name: str, steps: in
         tmp.write_text(json.dumps(manifest, indent=2))
 
 
-def generate_images(cfg: InferenceConfig, unet, trained_schedule, dtype, out: Path, steps: int) -> None:
-    from sampling import generate, make_sampler, save_grid, save_png
+def generate_images(cfg: InferenceConfig, unet, trained_schedule, dtype, out: Path, steps: int, state) -> None:
+    """Each process draws its share of the seeds; the main process writes every image."""
+    from sampling import gather_by_seed, generate, make_sampler, save_grid, save_png, shard
 
-    seeds = [cfg.seed + i for i in range(cfg.num_images)]
+    mine = shard([cfg.seed + i for i in range(cfg.num_images)], state)
     sampler = make_sampler(cfg.scheduler, trained_schedule)
-    images = generate(unet, sampler, seeds, steps, cfg.batch_size, dtype, cfg.eta,
-                      desc=f"generating ({cfg.scheduler}, {steps} steps)")
+    images = generate(unet, sampler, mine, steps, cfg.batch_size, dtype, cfg.eta,
+                      desc=f"generating ({cfg.scheduler}, {steps} steps)", progress=state.is_main_process)
+    seeds, images = gather_by_seed(state, mine, images)
+    if not state.is_main_process:
+        return
     files = []
     for seed, image in zip(seeds, images):
         name = f"seed{seed:06d}.png"
@@ -176,21 +185,27 @@ def interpolate(cfg: InferenceConfig, unet, trained_schedule, dtype, out: Path, 
 def run(cfg: InferenceConfig) -> None:
     import torch
 
-    device, dtype = choose_device_and_dtype(cfg.dtype)
-    if cfg.compile and device.type != "cuda":
+    from sampling import process_state
+
+    state = process_state()
+    device, dtype = choose_device_and_dtype(cfg.dtype, state.device, quiet=not state.is_main_process)
+    if cfg.compile and device.type != "cuda" and state.is_main_process:
         print("notice: --compile needs a CUDA GPU; sampling uncompiled on the CPU")
     unet, trained_schedule = load_model(cfg.model_path, dtype)
     steps = inference_steps(cfg, trained_schedule.num_train_timesteps)
     if steps > trained_schedule.num_train_timesteps:
         raise UserError(f"--num_inference_steps {steps} exceeds the model's "
                         f"{trained_schedule.num_train_timesteps} training timesteps; lower it")
-    out = prepare_output_dir(cfg.output_dir)
+    out = prepare_output_dir(cfg.output_dir) if state.is_main_process else None
     unet = unet.to(device).eval()
     if device.type == "cuda":
         unet = unet.to(memory_format=torch.channels_last)
     if cfg.compile:
         unet = torch.compile(unet) if device.type == "cuda" else unet
-    (interpolate if cfg.interpolate else generate_images)(cfg, unet, trained_schedule, dtype, out, steps)
+    if not cfg.interpolate:
+        generate_images(cfg, unet, trained_schedule, dtype, out, steps, state)
+    elif state.is_main_process:  # a few frames: the main process draws them all
+        interpolate(cfg, unet, trained_schedule, dtype, out, steps)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

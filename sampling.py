@@ -133,6 +133,36 @@ def generate(unet, sampler: SchedulerMixin, seeds: list[int], num_inference_step
 
 
 # ---------------------------------------------------------------------------------------------------
+# Several processes (accelerate launch, torchrun): each draws a share of the seeds.
+# ---------------------------------------------------------------------------------------------------
+
+
+def process_state():
+    """This process among those accelerate launch or torchrun started (alone when run plainly), on its device."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available())
+
+
+def shard(seeds: list[int], state) -> list[int]:
+    """This process's share of the seeds: every num_processes-th, from its index."""
+    return seeds[state.process_index::state.num_processes]
+
+
+def gather_by_seed(state, seeds: list[int], rows: torch.Tensor) -> tuple[list[int], Optional[torch.Tensor]]:
+    """Every process's rows (one per seed, on the CPU) on the main process, ordered by seed; None elsewhere."""
+    if state.num_processes == 1:
+        return seeds, rows
+    from accelerate.utils import gather_object
+
+    parts = gather_object([(seeds, rows)])  # a collective: every process calls it
+    if not state.is_main_process:
+        return [], None
+    everything = sorted(((s, i, k) for k, (part, _) in enumerate(parts) for i, s in enumerate(part)))
+    return [s for s, _, _ in everything], torch.stack([parts[k][1][i] for _, i, k in everything])
+
+
+# ---------------------------------------------------------------------------------------------------
 # Writing images: each file appears whole or not at all.
 # ---------------------------------------------------------------------------------------------------
 

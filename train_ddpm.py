@@ -34,8 +34,9 @@ from checkpoint import (CHECKPOINT_NAME, Progress, ema_weights, find_checkpoint,
                         register_wrapper_free_weights, save_checkpoint, save_pipeline, saved_layout,
                         strip_wrapper_prefixes, write_json)
 from dataset import load_dataset, make_dataloader, source_kind, to_model_input
+from evaluate import TrainingEvaluator, validate_training as validate_evaluation
 
-RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png")
+RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png", "best_model")
 EXIT_USER_ERROR, EXIT_NONFINITE = 2, 3
 LONG_CPU_RUN_S = 3600  # a CPU run estimated to take longer gets a hint towards a small preset
 
@@ -115,6 +116,7 @@ def validate(cfg: Config) -> None:
         if value != "auto" and not (value >= low and (high is None or value < high)):
             bounds = f"at least {low}" if high is None else f"in [{low}, {high})"
             raise UserError(f"--{name} must be {bounds}, got {value}")
+    validate_evaluation(t)
     if t.sample_num_inference_steps > s.num_train_timesteps:
         raise UserError(f"--sample_num_inference_steps {t.sample_num_inference_steps} exceeds the "
                         f"{s.num_train_timesteps} training timesteps; lower it")
@@ -718,6 +720,7 @@ def train(cfg: Config) -> int:
         print(f"training on {len(dataset)} images, {accelerator.num_processes} process(es) on {device.type}, "
               f"{precision_name(precision)}: {total_steps} optimizer steps of {t.train_batch_size} x "
               f"{accelerator.num_processes} x {t.gradient_accumulation_steps} images; outputs in {out}")
+    evaluator = TrainingEvaluator(cfg, accelerator, dataset, out) if t.eval_epochs else None  # FID/KID (evaluate.py)
 
     # --- 6. The loop ---------------------------------------------------------------------------------
     def save(name: str) -> Path:
@@ -776,6 +779,9 @@ def train(cfg: Config) -> int:
             if epoch % t.save_image_epochs == 0:
                 draw_previews(accelerator, unet, ema, cfg, noise_scheduler, out / f"samples_epoch_{epoch}.png",
                               writer, "samples", progress.global_step)
+            if evaluator and epoch % t.eval_epochs == 0:
+                with ema_weights(ema, unet):
+                    evaluator(unet, noise_scheduler, progress.global_step, record)
             if epoch % t.save_model_epochs == 0:
                 save(f"checkpoint-epoch-{epoch}")
                 saved_at = progress.global_step

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: the model presets, device name, FLOP count, the timed training loop."""
+"""Helpers shared by the benchmarks (and the tests): the model presets, generated data, a random-weights Inception,
+device name, FLOP count, the timed training loop."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import platform
 import time
 from pathlib import Path
 
-# Flags of train_ddpm.py that select each benchmark model ("tiny" comes from tests/conftest.py).
+# The tests' and benchmarks' tiny model, a UNet of about 0.2M parameters at 16x16: a training step takes milliseconds
+# on a CPU. Kept here, not in tests/: torch-fidelity installs a top-level `tests` package that shadows ours (NOTES.md).
+TINY_MODEL = ["--image_size", "16", "--block_out_channels", "16", "32", "--norm_num_groups", "8",
+              "--layers_per_block", "1", "--down_block_types", "DownBlock2D", "AttnDownBlock2D",
+              "--up_block_types", "AttnUpBlock2D", "UpBlock2D", "--attention_head_dim", "8"]
+# Flags of train_ddpm.py that select each benchmark model.
 MODEL_FLAGS = {"ddpm-cifar10": ["--model_preset", "ddpm-cifar10"], "readme": ["--image_size", "64"]}
 
 
@@ -14,9 +20,43 @@ def model_flags(model: str) -> list[str]:
     """train_ddpm.py flags for: tiny (the tests' TINY_MODEL, 16x16), ddpm-cifar10 (config.PRESETS, 32x32) or
     readme (config.py's defaults, 64x64)."""
     if model == "tiny":
-        from tests.conftest import TINY_MODEL
         return list(TINY_MODEL)
     return list(MODEL_FLAGS[model])
+
+
+def make_image_folder(root: Path, count: int = 12, size: tuple[int, int] = (24, 20)) -> Path:
+    """A folder (with a sub-folder) of RGB PNG and JPEG images of varied sizes (tests and benchmarks)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "sub").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        w, h = size[0] + i % 5, size[1] + (i * 3) % 7
+        pixels = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        folder = root / "sub" if i % 3 == 0 else root
+        Image.fromarray(pixels).save(folder / (f"img{i:02d}.png" if i % 2 else f"img{i:02d}.jpg"), quality=95)
+    return root
+
+
+def make_random_inception_weights(path: Path) -> Path:
+    """torch-fidelity's Inception-v3 with random weights, saved as its real weights file is (NOTES.md): the real
+    loading path runs offline on it. He-initialised convolutions keep the features of order 1 through 90+ layers
+    (the default init shrinks them to ~1e-8), so different images give different features."""
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as inception_module
+
+    torch.manual_seed(0)
+    with mock.patch.object(torch.nn.Module, "load_state_dict", lambda *args, **kwargs: None), \
+            mock.patch.object(inception_module, "load_state_dict_from_url", lambda *args, **kwargs: {}):
+        model = inception_module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(model.state_dict(), path)
+    return path
 
 
 def model_config(model: str, *extra: str):

@@ -1,6 +1,6 @@
 """A real train_ddpm.py run, fed by the real dataset code, timed from its TensorBoard train/img_per_s scalars.
 
-Used by train_throughput.py --full_run. The data is a generated folder of images (tests/conftest.py's
+Used by train_throughput.py --full_run. The data is a generated folder of images (bench/common.py's
 make_image_folder, 8 batches' worth) unless data_dir holds CIFAR-10 (cifar-10-batches-py) or real images.
 """
 
@@ -22,7 +22,7 @@ def full_run(flags: list[str], cfg, precision: str, steps: int, logging_steps: i
              data_dir: Optional[str] = None) -> dict:
     """img/s of a real train_ddpm.py run: median of its TensorBoard train/img_per_s windows after the first."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tests.conftest import make_image_folder
+    from common import make_image_folder
 
     t = cfg.training
     with tempfile.TemporaryDirectory() as tmp:

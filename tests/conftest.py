@@ -15,10 +15,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# A UNet of about 0.2M parameters at 16x16: a training step takes milliseconds on a CPU.
-TINY_MODEL = ["--image_size", "16", "--block_out_channels", "16", "32", "--norm_num_groups", "8",
-              "--layers_per_block", "1", "--down_block_types", "DownBlock2D", "AttnDownBlock2D",
-              "--up_block_types", "AttnUpBlock2D", "UpBlock2D", "--attention_head_dim", "8"]
+# Shared with the benchmarks, so kept in bench/: NOTES.md says why not in tests/.
+from bench.common import TINY_MODEL, make_image_folder, make_random_inception_weights  # noqa: E402,F401
+
 # Fast previews and frequent logging for short runs.
 TINY_RUN = TINY_MODEL + ["--train_batch_size", "4", "--sample_num_inference_steps", "4", "--num_preview_images", "4",
                          "--logging_steps", "1", "--dataloader_num_workers", "0", "--seed", "7"]
@@ -41,18 +40,6 @@ def run_cli(script: str, *args: str, timeout: float = 300, check: bool = True, *
         raise AssertionError(f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                              f"--- stderr\n{proc.stderr[-4000:]}")
     return proc
-
-
-def make_image_folder(root: Path, count: int = 12, size: tuple[int, int] = (24, 20)) -> Path:
-    """A folder (with a sub-folder) of RGB PNG and JPEG images of varied sizes."""
-    rng = np.random.default_rng(0)
-    (root / "sub").mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        w, h = size[0] + i % 5, size[1] + (i * 3) % 7
-        pixels = (rng.random((h, w, 3)) * 255).astype(np.uint8)
-        folder = root / "sub" if i % 3 == 0 else root
-        Image.fromarray(pixels).save(folder / (f"img{i:02d}.png" if i % 2 else f"img{i:02d}.jpg"), quality=95)
-    return root
 
 
 def make_mixed_mode_folder(root: Path) -> Path:
@@ -108,3 +95,22 @@ def trained_run(tmp_path_factory, image_folder) -> tuple[Path, subprocess.Comple
                    "--data_dir", out.parent / "data", "--output_dir", out, "--num_epochs", EPOCHS,
                    "--save_image_epochs", 1, "--save_model_epochs", 2)
     return out, proc
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """The random-weights Inception file (about 96 MB), made once per test session."""
+    return make_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
+
+
+def save_tiny_pipeline(path: Path, size: int = 8, channels: int = 3) -> Path:
+    """An untrained DDPMPipeline of a UNet with 8 and 16 channels: sampling costs milliseconds."""
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(path)
+    return path

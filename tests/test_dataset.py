@@ -56,10 +56,13 @@ def test_cache_is_built_once_and_rebuilt_when_the_source_or_size_changes(tmp_pat
     assert len(list((data / "cache").glob("*.npy"))) == 1
     dataset.load_dataset(config_for(folder, data, image_size=8), progress=False)
     assert len(list((data / "cache").glob("*.npy"))) == 2
+    statistics = first.path.with_name(f"{first.path.stem}-inception-2015-12-05.npz")  # evaluate.py's, of that content
+    statistics.write_bytes(b"")
     Image.new("RGB", (20, 20), "red").save(folder / "new.png")
     grown = dataset.load_dataset(config_for(folder, data), progress=False)
     assert len(grown) == 7 and len(list((data / "cache").glob("*.npy"))) == 2  # the new cache replaced the stale one
     assert not first.path.exists() and len(list((data / "cache").glob("*.json"))) == 2
+    assert not statistics.exists(), "reference statistics go with the content they were computed from"
     assert not list((data / "cache").glob("*partial*"))
 
 
