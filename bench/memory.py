@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_MODEL = ["--block_out_channels", "16", "32", "--norm_num_groups", "8", "--layers_per_block", "1",
-              "--down_block_types", "DownBlock2D", "AttnDownBlock2D", "--up_block_types", "AttnUpBlock2D", "UpBlock2D",
-              "--attention_head_dim", "8"]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import TINY_MODEL  # noqa: E402  (its --image_size is overridden below)
+
 TOUCH = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
