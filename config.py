@@ -138,7 +138,7 @@ class Config:
 class InferenceConfig:
     """Settings of inference.py (generation and interpolation)."""
 
-    model_path: Optional[str] = None  # a final_model/ folder (a diffusers DDPMPipeline)
+    model_path: Optional[str] = None  # a final_model/ or checkpoint-*/ folder (both hold a diffusers DDPMPipeline)
     num_images: int = 16  # images to generate
     num_inference_steps: Optional[int] = None  # denoising steps; None: the sampler's default (ddpm 1000, the others 50)
     seed: int = 0  # image i is drawn from seed + i, whatever the batch size

@@ -3,7 +3,8 @@ a folder written by save_to_disk, or parquet files), decoded and resized once.
 
 Every dataset is turned into a uint8 tensor cache of shape [N, C, image_size, image_size] under
 ``data_dir/cache/``: one file per source, image_size and --num_channels, replaced when the source's content
-changes. Small caches are read into memory; large ones are memory-mapped and streamed by loader workers.
+changes. Caches are memory-mapped, so the processes of a machine share one copy; large ones are streamed by
+loader workers.
 Scaling to [-1, 1] and random flips happen on the training device (``to_model_input``), so the loader moves
 1 byte per pixel instead of 4.
 """
@@ -453,35 +454,30 @@ def build_cache(source: Source, image_size: int, channels: int, path: Path, work
 
 
 class ImageCache(Dataset):
-    """uint8 [C,S,S] images from a cache file, in memory or memory-mapped; fetched a batch at a time."""
+    """uint8 [C,S,S] images from a cache file, always memory-mapped (read-only): the processes of one machine share
+    the operating system's pages of it, so the data is held once per machine, not once per process. `in_memory`
+    (small enough to stay paged in) only means the loader needs no worker processes."""
 
     def __init__(self, path: Path, count: int, in_memory: bool):
         self.path, self.count, self.in_memory = path, count, in_memory
-        self._images = self._open() if in_memory else None
-
-    def _open(self) -> torch.Tensor | np.ndarray:
-        array = np.load(self.path, mmap_mode="r")[: self.count]
-        return torch.from_numpy(np.array(array)) if self.in_memory else array
+        self._images: Optional[np.ndarray] = None
 
     @property
-    def images(self):
+    def images(self) -> np.ndarray:
         if self._images is None:  # opened lazily, so each loader worker maps the file itself
-            self._images = self._open()
+            self._images = np.load(self.path, mmap_mode="r")[: self.count]
         return self._images
 
     def __getstate__(self):
-        return {**self.__dict__, "_images": None if not self.in_memory else self._images}
+        return {**self.__dict__, "_images": None}
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = self.images[index]
-        return image if self.in_memory else torch.from_numpy(np.array(image))
+        return torch.from_numpy(np.array(self.images[index]))
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        if self.in_memory:
-            return self.images[torch.as_tensor(indices)]
         order = np.argsort(indices)  # read the memory map in file order, return in the asked order
         rows = self.images[np.asarray(indices)[order]]
         return torch.from_numpy(rows[np.argsort(order)])
@@ -507,7 +503,7 @@ def remove_stale_caches(path: Path) -> None:
 def load_dataset(cfg: Config, progress: bool = True) -> ImageCache:
     """Open (building on first use) the uint8 cache of the configured dataset at cfg.training.image_size.
 
-    In several processes call it on the main process first (accelerator.main_process_first()).
+    In several processes call it on each machine's main process first (accelerator.local_main_process_first()).
     """
     source = open_source(cfg)
     size, requested = cfg.training.image_size, cfg.data.num_channels
@@ -524,9 +520,9 @@ def load_dataset(cfg: Config, progress: bool = True) -> ImageCache:
         channels, why = source.choose_channels(requested)
         workers = min(4, os.cpu_count() or 1) if source.pixels is None else 0  # files to decode: in parallel
         meta = {**build_cache(source, size, channels, path, workers, progress), "channels_reason": why}
-        with open(meta_path.with_suffix(".json.partial"), "w") as f:
-            json.dump(meta, f)
-        os.replace(meta_path.with_suffix(".json.partial"), meta_path)
+        tmp = meta_path.with_name(f"{meta_path.name}.partial-{os.getpid()}")  # processes never share a temp file
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, meta_path)
         remove_stale_caches(path)
     if meta["skipped"] and progress:
         skipped = meta["skipped"]

@@ -56,8 +56,8 @@ def validate(cfg: InferenceConfig, given: Collection[str] = ()) -> None:
 
 
 def load_model(model_path: str, dtype):
-    """The UNet (in dtype) and trained noise-schedule config of a DDPMPipeline folder (or a Hub id such
-    as google/ddpm-cifar10-32)."""
+    """The UNet (in dtype) and trained noise-schedule config of a DDPMPipeline folder: final_model/ or a checkpoint
+    (or a Hub id such as google/ddpm-cifar10-32)."""
     from diffusers import DDPMPipeline
 
     path = Path(model_path).expanduser()
@@ -68,7 +68,8 @@ def load_model(model_path: str, dtype):
             index = None
         if not isinstance(index, dict) or index.get("_class_name") != "DDPMPipeline":
             raise UserError(f"--model_path {model_path} is not a diffusers DDPMPipeline folder (no DDPMPipeline "
-                            f"model_index.json); pass the final_model/ folder that train_ddpm.py writes")
+                            f"model_index.json); pass the final_model/ or a checkpoint-*/ folder that train_ddpm.py "
+                            f"writes")
     elif not re.fullmatch(r"[\w.-]+/[\w.-]+", model_path):
         raise UserError(f"--model_path {model_path} does not exist; pass the final_model/ folder that "
                         f"train_ddpm.py writes")

@@ -11,12 +11,10 @@ Every field of config.py is a flag of the same name (--help lists them).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -25,17 +23,19 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 import config as config_module
 from config import Config, DataConfig, ModelConfig, SchedulerConfig, TrainingConfig, UserError
+from checkpoint import (CHECKPOINT_NAME, Progress, ema_weights, find_checkpoint, load_checkpoint, read_json,
+                        register_wrapper_free_weights, save_checkpoint, save_pipeline, saved_layout,
+                        strip_wrapper_prefixes, write_json)
 from dataset import load_dataset, make_dataloader, source_kind, to_model_input
 from evaluate import TrainingEvaluator, validate_training as validate_evaluation
 
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(epoch|step)-(\d+)$")
 RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png", "best_model")
 EXIT_USER_ERROR, EXIT_NONFINITE = 2, 3
 LONG_CPU_RUN_S = 3600  # a CPU run estimated to take longer gets a hint towards a small preset
@@ -65,12 +65,27 @@ def parse_config(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
         checkpoint = find_checkpoint(cfg.training.output_dir, cfg.training.resume_from_checkpoint)
         base = {**defaults, **config_module.read_config_file(checkpoint / "config.json", SECTIONS)}
         values, options = config_module.parse_cli(argv, prog, doc, base, SECTIONS, config_module.PRESETS, EXTRA_FLAGS)
+        refuse_changes_on_resume(base, values)
         cfg = config_module.build(Config, values)
         cfg.training.resume_from_checkpoint = str(checkpoint)  # "latest" resolved once, and recorded as a path
     if cfg.data.random_flip is None:  # mirrored letters or digits are wrong samples; CIFAR-10's objects are not
         cfg.data.random_flip = cfg.training.dataset_name == "cifar10"
     validate(cfg)
     return cfg, getattr(options, "dry_run", False)
+
+
+# What a checkpoint's weights and optimizer were built for: a resumed run keeps them (other flags take effect).
+FIXED_ON_RESUME = (*(f.name for f in dataclasses.fields(ModelConfig)), "image_size", "num_channels", "use_ema",
+                   "pretrained_model_path", "freeze_down_blocks", "lr_scheduler", "lr_warmup_steps")
+
+
+def refuse_changes_on_resume(saved: dict[str, object], wanted: dict[str, object]) -> None:
+    changed = [name for name in FIXED_ON_RESUME if wanted[name] != saved[name]]
+    if changed:
+        name = changed[0]
+        shown = " ".join(map(str, saved[name])) if isinstance(saved[name], tuple) else saved[name]
+        raise UserError(f"--{name} cannot change when resuming (the checkpoint has {shown}); leave it out, or start a "
+                        f"new run from this checkpoint's weights with --pretrained_model_path")
 
 
 def validate(cfg: Config) -> None:
@@ -118,9 +133,7 @@ def validate(cfg: Config) -> None:
     if kind == "custom" and not (images.is_dir() or images.is_file() and zipfile.is_zipfile(images)):
         raise UserError(f"dataset_path {cfg.data.dataset_path} is not a folder or a ZIP archive; pass --dataset_path "
                         f"pointing at your images")
-    if t.resume_from_checkpoint and t.pretrained_model_path:
-        raise UserError("--resume_from_checkpoint and --pretrained_model_path exclude each other; pick one")
-    if t.pretrained_model_path:  # the architecture comes from the pretrained model, checked when it loads
+    if t.pretrained_model_path and not t.resume_from_checkpoint:  # the pretrained model's architecture, checked later
         return
     levels = len(m.block_out_channels)
     if not len(m.down_block_types) == len(m.up_block_types) == levels:
@@ -165,13 +178,6 @@ def count_parameters(cfg: Config) -> int:
         return sum(p.numel() for p in build_unet(cfg, 3).parameters())
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path} ({e}); is it a folder written by train_ddpm.py?") from None
-
-
 def library_versions() -> dict[str, str]:
     import accelerate
     import diffusers
@@ -184,12 +190,6 @@ def library_versions() -> dict[str, str]:
 def config_record(cfg: Config, **facts) -> dict:
     """What config.json holds: the resolved config, then provenance (keys with _ are ignored by --config)."""
     return {**dataclasses.asdict(cfg), "_provenance": {"versions": library_versions(), "argv": sys.argv, **facts}}
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,7 +229,8 @@ def load_pretrained(cfg: Config, channels: int):
         saved = config_module.build(Config, {**default_values(),
                                              **config_module.read_config_file(path / "config.json", SECTIONS)})
         unet = build_unet(saved, read_json(path / "config.json")["_provenance"]["channels"])
-        unet.load_state_dict(load_file(path / "model.safetensors"))
+        # A checkpoint without unet/ (older versions): its training weights, stored under DDP's names by 2 processes.
+        unet.load_state_dict(strip_wrapper_prefixes(load_file(path / "model.safetensors")))
     else:
         raise UserError(f"--pretrained_model_path {path} is neither a final_model/ folder nor a checkpoint folder")
     if unet.config.sample_size != cfg.training.image_size or unet.config.in_channels != channels:
@@ -244,78 +245,8 @@ def load_pretrained(cfg: Config, channels: int):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checkpoints: one lister, atomic writes, rotation
-# ---------------------------------------------------------------------------------------------------
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in output_dir, oldest first (by optimizer step)."""
-    root = Path(output_dir)
-    found = [p for p in root.glob("checkpoint-*") if CHECKPOINT_NAME.match(p.name) and (p / "progress.json").exists()]
-    return sorted(found, key=lambda p: (read_json(p / "progress.json")["global_step"], p.stat().st_mtime))
-
-
-def find_checkpoint(output_dir: str, which: str) -> Path:
-    if which == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            raise UserError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; train without it first")
-        return checkpoints[-1]
-    path = Path(which).expanduser()
-    path = path if path.is_absolute() or path.exists() else Path(output_dir) / which
-    if not (path / "progress.json").exists():
-        raise UserError(f"--resume_from_checkpoint {which}: not a complete checkpoint folder; "
-                        f"pass one of {[p.name for p in list_checkpoints(output_dir)]} or 'latest'")
-    return path
-
-
-@dataclasses.dataclass
-class Progress:
-    """Where the run is. Saved as progress.json in every checkpoint."""
-
-    global_step: int = 0  # optimizer steps done
-    epoch: int = 0  # the current epoch, 0-based
-    batches_in_epoch: int = 0  # micro-batches of the current epoch done (per process)
-    nonfinite_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient
-
-
-def save_checkpoint(accelerator, output_dir: Path, name: str, progress: Progress, record: dict,
-                    total_limit: Optional[int]) -> Path:
-    """Write the whole training state to output_dir/name, atomically: a crash leaves no half-written checkpoint."""
-    final, tmp = output_dir / name, output_dir / f"{name}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        write_json(tmp / "config.json", record)
-        write_json(tmp / "progress.json", dataclasses.asdict(progress))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[:-total_limit] if total_limit else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-# ---------------------------------------------------------------------------------------------------
 # EMA, signals, one training step
 # ---------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def ema_weights(ema, model) -> Iterator[None]:
-    """Swap the EMA weights into `model` for the block; the training weights come back untouched."""
-    if ema is None:
-        yield
-        return
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
-    try:
-        yield
-    finally:
-        ema.restore(model.parameters())
 
 
 class StopSignal:
@@ -354,7 +285,7 @@ class TrainingParts:
     model: torch.nn.Module  # as prepared by accelerate (DDP, torch.compile): what the step runs
     unet: torch.nn.Module  # the plain UNet inside it: EMA, previews and saving use this
     optimizer: torch.optim.Optimizer  # accelerate's wrapper of AdamW
-    fused: bool  # fused AdamW: a NaN/inf step is skipped on the device, without a sync
+    fused: bool  # fused AdamW: it skips a NaN/inf step itself, given found_inf
     lr_schedule: torch.optim.lr_scheduler.LRScheduler  # stepped once per optimizer step
     ema: Optional[object]  # diffusers EMAModel, or None
     noise_scheduler: object  # the DDPMScheduler that noises the training images
@@ -365,12 +296,13 @@ class TrainingParts:
 def build_training(cfg: Config, accelerator, channels: int, total_steps: int) -> TrainingParts:
     """Model (new or pretrained), AdamW, LR schedule and EMA, prepared and registered for checkpoints."""
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     t = cfg.training
     set_seed(t.seed)  # the initial weights
-    model = load_pretrained(cfg, channels) if t.pretrained_model_path else build_unet(cfg, channels)
+    # A resumed fine-tune gets its weights from the checkpoint; its config holds the pretrained architecture.
+    fine_tune = t.pretrained_model_path and not t.resume_from_checkpoint
+    model = load_pretrained(cfg, channels) if fine_tune else build_unet(cfg, channels)
     resolve_auto(cfg, sum(p.numel() for p in model.parameters()), total_steps)
     if t.freeze_down_blocks:
         model.conv_in.requires_grad_(False)
@@ -384,11 +316,12 @@ def build_training(cfg: Config, accelerator, channels: int, total_steps: int) ->
         optimizer, fused = torch.optim.AdamW(trainable, fused=True, **adamw), True
     except RuntimeError:  # no fused kernel for this device: skipping a NaN step then costs a sync
         optimizer, fused = torch.optim.AdamW(trainable, **adamw), False
-    # Never prepared: stepped once per optimizer step by train_step, so it counts optimizer steps whatever
-    # the accumulation or process count.
-    lr_schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
-                                num_training_steps=total_steps)
+    # Never prepared nor checkpointed: a pure function of the applied optimizer steps (LRCurve), stepped by
+    # train_step once per applied step whatever the accumulation or process count; resume sets its position.
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, LRCurve(t.lr_scheduler, [0, t.lr_warmup_steps, 1.0,
+                                                                                        total_steps]))
     model, optimizer = accelerator.prepare(model, optimizer)
+    register_wrapper_free_weights(accelerator)
     unet = accelerator.unwrap_model(model, keep_torch_compile=False)
     ema = None
     if t.use_ema:
@@ -396,10 +329,69 @@ def build_training(cfg: Config, accelerator, channels: int, total_steps: int) ->
                        power=t.ema_power, foreach=True)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    accelerator.register_for_checkpointing(lr_schedule)
     noise_scheduler = build_noise_scheduler(cfg)
     return TrainingParts(model, unet, optimizer, fused, lr_schedule, ema, noise_scheduler, list(unet.parameters()),
                          min_snr_weights(noise_scheduler, cfg, accelerator.device))
+
+
+def apply_settings_after_load(parts: TrainingParts, cfg: Config) -> None:
+    """load_state brings back the checkpoint's AdamW and EMA settings; the run's config (flags given on resume
+    included, and recorded in config.json) is what trains."""
+    t = cfg.training
+    for group in parts.optimizer.param_groups:
+        group.update(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    parts.lr_schedule.base_lrs = [t.learning_rate] * len(parts.optimizer.param_groups)
+    if parts.ema is not None:
+        parts.ema.decay, parts.ema.inv_gamma, parts.ema.power = t.ema_max_decay, t.ema_inv_gamma, t.ema_power
+
+
+class LRCurve:
+    """The LR multiplier at an applied optimizer step: over the segment [start, warmup, peak, end], a linear
+    warm-up from 0 to `peak`, then the schedule's shape down to 0 at `end` (flat for the constant ones). The same
+    numbers as diffusers' get_scheduler for a run's first segment; an extended run gets a new segment that starts
+    where the LR is (extend), so its curve never jumps."""
+
+    def __init__(self, kind: str, segment: list):
+        self.kind, self.segment = kind, list(segment)
+
+    def __call__(self, step: int) -> float:
+        start, warmup, peak, end = self.segment
+        step -= start
+        if self.kind == "constant":
+            return peak
+        if step < warmup:
+            return peak * (float(step) / float(max(1.0, warmup)))
+        if self.kind == "constant_with_warmup":
+            return peak
+        span = end - start
+        if self.kind == "linear":
+            return peak * max(0.0, float(span - step) / float(max(1, span - warmup)))
+        progress = float(step - warmup) / float(max(1, span - warmup))
+        return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    def extend(self, step: int, end: int, warmup: int) -> Optional[str]:
+        """Move the end of the curve to `end` at applied step `step` without a jump; a notice, when it changes."""
+        start, old_warmup, peak, old_end = self.segment
+        if end == old_end or self.kind in ("constant", "constant_with_warmup") or step < start + old_warmup:
+            self.segment[3] = end  # the curve so far does not depend on its end
+            return None
+        factor = self(step)
+        if factor > 0:
+            self.segment = [step, 0, factor, end]
+            return f"LR schedule: {self.kind} from its current value at step {step} down to 0 at step {end}"
+        warmup = max(1, min(warmup, (end - step) // 2))
+        self.segment = [step, warmup, 1.0, end]
+        return (f"LR schedule: the {self.kind} curve had reached 0 at step {step}; a new one warms up from 0 over "
+                f"{warmup} steps and ends at step {end}")
+
+
+def set_lr_position(lr_schedule, step: int) -> None:
+    """Put the LR schedule at applied optimizer step `step` (after a resume), as if it had been stepped there."""
+    lr_schedule.last_epoch = step
+    lrs = [base * lr_schedule.lr_lambdas[0](step) for base in lr_schedule.base_lrs]
+    for group, lr in zip(lr_schedule.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    lr_schedule._last_lr = lrs
 
 
 def min_snr_weights(noise_scheduler, cfg: Config, device: torch.device) -> Optional[torch.Tensor]:
@@ -416,9 +408,9 @@ def min_snr_weights(noise_scheduler, cfg: Config, device: torch.device) -> Optio
 
 
 def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int):
-    """One micro-step: the diffusion loss and backward; every accumulation also a clipped AdamW step, the LR
-    schedule and the EMA. Returns the loss and, on optimizer steps, whether the step was finite. Nothing here
-    waits for the GPU."""
+    """One micro-step: the diffusion loss and backward; every accumulation also a clipped AdamW step, and when
+    that step was applied, the LR schedule and the EMA. Returns the loss and, on optimizer steps, whether the step
+    was free of NaN/inf (an fp16 loss-scale overflow with a finite loss is the scaler's search, not a NaN step)."""
     seed_micro_step(seed, accelerator.device)
     model, optimizer, noise_scheduler = parts.model, parts.optimizer, parts.noise_scheduler
     clean = to_model_input(batch, cfg.data.random_flip)
@@ -439,16 +431,20 @@ def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             grad_norm = accelerator.clip_grad_norm_(parts.ema_params, cfg.training.max_grad_norm or float("inf"))
-            finite = torch.isfinite(grad_norm)
+            finite = torch.isfinite(grad_norm)  # what the GradScaler or the fused AdamW below decide on
             if accelerator.scaler is None and parts.fused:
                 optimizer.optimizer.found_inf = (~finite).float()  # fused AdamW skips the step on the device
         if accelerator.scaler is not None or parts.fused or finite is None or bool(finite):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    if finite is not None:
+    if finite is None:
+        return loss.detach(), None
+    if bool(finite):  # a host sync per optimizer step: the LR and the EMA must not advance on a skipped step
         parts.lr_schedule.step()
         if parts.ema is not None:
             parts.ema.step(parts.ema_params)
+    if accelerator.scaler is not None:
+        finite = finite | torch.isfinite(loss.detach())
     return loss.detach(), finite
 
 
@@ -533,13 +529,10 @@ def draw_previews(accelerator, unet, ema, cfg: Config, noise_scheduler, path: Pa
 
 def save_final_model(accelerator, unet, ema, noise_scheduler, out: Path, record: dict) -> None:
     """final_model/: a DDPMPipeline with the EMA weights (DDPMPipeline.from_pretrained loads it)."""
-    from diffusers import DDPMPipeline
-
     if accelerator.is_main_process:
         tmp, final = out / "final_model.partial", out / "final_model"
         shutil.rmtree(tmp, ignore_errors=True)
-        with ema_weights(ema, unet):
-            DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(tmp)
+        save_pipeline(tmp, unet, ema, noise_scheduler)
         write_json(tmp / "config.json", record)
         if final.exists():
             shutil.rmtree(final)
@@ -596,15 +589,11 @@ def resolve_compile(requested: bool, device: torch.device) -> tuple[bool, Option
 # ---------------------------------------------------------------------------------------------------
 
 
-def train(cfg: Config) -> int:
+def start_processes(t: TrainingConfig):
+    """Stage 1: the Accelerator (processes, device, precision, compile), the seed and the output folder's place."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration, broadcast_object_list
-    from tqdm.auto import tqdm
 
-    from sampling import save_grid
-
-    t = cfg.training
-    # --- 1. Processes, precision, seed, output folder ------------------------------------------------
     # Without a GPU, accelerate must be told it is on CPUs, or torchrun's processes each run alone.
     on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     device = PartialState(cpu=on_cpu).device
@@ -618,26 +607,96 @@ def train(cfg: Config) -> int:
         cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         step_scheduler_with_optimizer=False, dynamo_backend="inductor" if compile_unet else "no")
-    main = accelerator.is_main_process
     for line in filter(None, (notice, compile_notice)):
-        if main:
+        if accelerator.is_main_process:
             print(line)
-    resume_from = Path(t.resume_from_checkpoint) if t.resume_from_checkpoint else None  # found by parse_config
     if t.seed is None:
         t.seed = broadcast_object_list([secrets.randbits(31)])[0]
+    return accelerator, precision
 
-    # --- 2. Data -------------------------------------------------------------------------------------
-    with accelerator.main_process_first():
-        dataset = load_dataset(cfg, progress=main)
-    if main:
+
+def load_data(cfg: Config, accelerator):
+    """Stage 2: the dataset, downloaded and cached once per machine (its local main process first, the others
+    then open the same cache file), and this process's loader."""
+    with accelerator.local_main_process_first():
+        dataset = load_dataset(cfg, progress=accelerator.is_local_main_process)
+    if accelerator.is_main_process:
         prepare_output_dir(cfg)
     accelerator.wait_for_everyone()
-    channels = dataset[0].shape[0]
+    t = cfg.training
     loader, order = make_dataloader(dataset, t.train_batch_size, accelerator.num_processes, t.seed,
-                                    cfg.data.dataloader_num_workers, pin_memory=device.type == "cuda")
+                                    cfg.data.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
+    return dataset, accelerator.prepare(loader), order
 
+
+def resume(accelerator, parts: TrainingParts, cfg: Config, checkpoint: Path, total_steps: int,
+           steps_per_epoch: int) -> Progress:
+    """Stage 4: the checkpoint's training state, with this run's settings applied over it. A changed data layout
+    (processes, batch size, accumulation) cannot continue mid-epoch, so it starts at the next epoch."""
+    t, main = cfg.training, accelerator.is_main_process
+    progress = load_checkpoint(accelerator, checkpoint, parts.ema)
+    apply_settings_after_load(parts, cfg)
+    notices = [f"resumed from {checkpoint} at step {progress.global_step} (epoch {progress.epoch + 1}, batch "
+               f"{progress.batches_in_epoch})"]
+    layout = {"processes": accelerator.num_processes, "train_batch_size": t.train_batch_size,
+              "gradient_accumulation_steps": t.gradient_accumulation_steps}
+    saved = saved_layout(checkpoint)
+    if layout != saved:
+        changes = ", ".join(f"{k} {saved[k]} -> {layout[k]}" for k in layout if layout[k] != saved[k])
+        if progress.batches_in_epoch:
+            progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+            notices.append(f"notice: {changes}: the batches of the rest of the interrupted epoch would differ, so "
+                           f"training continues at the start of epoch {progress.epoch + 1}")
+        else:
+            notices.append(f"notice: {changes}; training continues at the start of epoch {progress.epoch + 1}")
+    curve = parts.lr_schedule.lr_lambdas[0]
+    if progress.lr_segment:
+        curve.segment = list(progress.lr_segment)
+    else:  # a checkpoint older than lr_segment: its run's one curve, which ended where that run was to end
+        saved_run = read_json(checkpoint / "config.json")["training"]
+        curve.segment[3] = saved_run["max_train_steps"] or saved_run["num_epochs"] * steps_per_epoch
+    notices.append(curve.extend(progress.applied_steps, total_steps, t.lr_warmup_steps))
+    set_lr_position(parts.lr_schedule, progress.applied_steps)
+    for line in filter(None, notices):
+        if main:
+            print(line)
+    return progress
+
+
+def start_logging(accelerator, cfg: Config, record: dict, progress: Progress, dataset, parts: TrainingParts):
+    """Stage 5: config.json, TensorBoard (config, and for a new run the training images and the model graph)."""
+    from sampling import save_grid
+
+    t, out = cfg.training, Path(cfg.training.output_dir).expanduser()
+    if not accelerator.is_main_process:
+        return None
+    write_json(out / "config.json", record)
+    hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+               for section in dataclasses.asdict(cfg).values() for k, v in section.items()}
+    accelerator.init_trackers("ddpm", config=hparams)
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    writer.add_text("config", "```\n" + json.dumps(record, indent=2, default=str) + "\n```", progress.global_step)
+    if not t.resume_from_checkpoint:
+        shown = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(t.seed))
+        first = dataset.__getitems__(sorted(shown[: t.num_preview_images].tolist())).float() / 255
+        save_grid(first, out / "sample_training_data.png", display_size=t.display_size)
+        writer.add_images("training_data", first, 0)
+        log_graph(writer, parts.unet, first.shape[1], t.image_size)
+    return writer
+
+
+def train(cfg: Config) -> int:
+    from tqdm.auto import tqdm
+
+    t = cfg.training
+    out = Path(t.output_dir).expanduser()
+    # --- 1. Processes, precision, seed ---------------------------------------------------------------
+    accelerator, precision = start_processes(t)
+    main, device = accelerator.is_main_process, accelerator.device
+    # --- 2. Data -------------------------------------------------------------------------------------
+    dataset, loader, order = load_data(cfg, accelerator)
+    channels = dataset[0].shape[0]
     # --- 3. Model, EMA, optimizer, LR schedule -------------------------------------------------------
-    loader = accelerator.prepare(loader)
     steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
     total_steps = t.max_train_steps or t.num_epochs * steps_per_epoch
     automatic = [name for name in ("learning_rate", "lr_warmup_steps") if getattr(t, name) == "auto"]
@@ -647,45 +706,35 @@ def train(cfg: Config) -> int:
               f" (for {sum(p.numel() for p in parts.unet.parameters()) / 1e6:.1f}M parameters and {total_steps} "
               f"steps; pass a value to override)")
     unet, ema, noise_scheduler = parts.unet, parts.ema, parts.noise_scheduler
+    pipeline = (unet, ema, noise_scheduler)
     record = config_record(cfg, seed=t.seed, channels=channels, num_processes=accelerator.num_processes,
                            mixed_precision=precision, device=str(device), dataset_images=len(dataset))
-
-    # --- 4. Resume, logging --------------------------------------------------------------------------
+    # --- 4. Resume -----------------------------------------------------------------------------------
+    resumed_from = Path(t.resume_from_checkpoint) if t.resume_from_checkpoint else None  # found by parse_config
     progress = Progress()
-    if resume_from:
-        accelerator.load_state(str(resume_from))
-        if ema is not None:
-            ema.to(accelerator.device)  # load_state puts the EMA weights on the CPU
-        progress = Progress(**read_json(resume_from / "progress.json"))
-        if main:
-            print(f"resumed from {resume_from} at step {progress.global_step} (epoch {progress.epoch + 1}, "
-                  f"batch {progress.batches_in_epoch})")
-    writer = None
+    if resumed_from:
+        progress = resume(accelerator, parts, cfg, resumed_from, total_steps, steps_per_epoch)
+    # --- 5. Logging ----------------------------------------------------------------------------------
+    writer = start_logging(accelerator, cfg, record, progress, dataset, parts)
     if main:
-        write_json(out / "config.json", record)
-        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                   for section in dataclasses.asdict(cfg).values() for k, v in section.items()}
-        accelerator.init_trackers("ddpm", config=hparams)
-        writer = accelerator.get_tracker("tensorboard", unwrap=True)
-        writer.add_text("config", "```\n" + json.dumps(record, indent=2, default=str) + "\n```", progress.global_step)
-        if not resume_from:
-            shown = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(t.seed))
-            first = dataset.__getitems__(sorted(shown[: t.num_preview_images].tolist())).float() / 255
-            save_grid(first, out / "sample_training_data.png", display_size=t.display_size)
-            writer.add_images("training_data", first, 0)
-            log_graph(writer, unet, channels, t.image_size)
         print(f"training on {len(dataset)} images, {accelerator.num_processes} process(es) on {device.type}, "
               f"{precision_name(precision)}: {total_steps} optimizer steps of {t.train_batch_size} x "
               f"{accelerator.num_processes} x {t.gradient_accumulation_steps} images; outputs in {out}")
     evaluator = TrainingEvaluator(cfg, accelerator, dataset, out) if t.eval_epochs else None  # FID/KID (evaluate.py)
 
-    # --- 5. The loop ---------------------------------------------------------------------------------
+    # --- 6. The loop ---------------------------------------------------------------------------------
+    def save(name: str) -> Path:
+        progress.skipped_steps = progress.global_step - parts.lr_schedule.last_epoch
+        progress.lr_segment = parts.lr_schedule.lr_lambdas[0].segment
+        return save_checkpoint(accelerator, out, name, progress, record, pipeline, t.checkpoints_total_limit)
+
     signals = StopSignal()
     window = LogWindow(accelerator)
     images_per_step = t.train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
     estimated = False  # whether the time to the end was estimated yet (once, from the first logged steps)
     bar = tqdm(total=total_steps, initial=progress.global_step, desc="training", unit="step", disable=not main)
     stop_reason: Optional[str] = None
+    saved_at: Optional[int] = progress.global_step if resumed_from else None  # the step of the newest checkpoint
     while progress.global_step < total_steps and not stop_reason:
         order.start_epoch(progress.epoch)
         skip = progress.batches_in_epoch  # after a resume: batches of this epoch already trained on, not loaded
@@ -698,30 +747,25 @@ def train(cfg: Config) -> int:
                 continue
             progress.global_step += 1
             bar.update(1)
-            signalled = bool(signals.signum) and accelerator.num_processes == 1  # several: agreed at log steps
+            # Stop decisions are taken at log steps only, where every process reads the same numbers.
             if progress.global_step % t.logging_steps == 0 or progress.global_step == total_steps:
-                stats = window.read(signals.signum, t.train_batch_size)  # the loop's only host sync
-                progress.nonfinite_steps += stats["skipped"]
-                accelerator.log({"train/loss": stats["loss"], "train/lr": parts.lr_schedule.get_last_lr()[0],
-                                 "train/img_per_s": stats["img_per_s"],
+                stats = window.read(signals.signum, t.train_batch_size)  # the loop's only collective
+                progress.nonfinite_steps += stats["nonfinite"]
+                lr = parts.lr_schedule.get_last_lr()[0]
+                accelerator.log({"train/loss": stats["loss"], "train/lr": lr, "train/img_per_s": stats["img_per_s"],
                                  "train/nonfinite_steps": progress.nonfinite_steps}, step=progress.global_step)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{parts.lr_schedule.get_last_lr()[0]:.2e}",
-                                img_s=f"{stats['img_per_s']:.0f}")
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{stats['img_per_s']:.0f}")
                 if main and not estimated:
                     estimated = True
                     warn_if_long_on_cpu(device, total_steps - progress.global_step,
                                         images_per_step / stats["img_per_s"])
-                signalled = stats["signal"]
                 if stats["in_a_row"] >= t.max_nonfinite_steps:
                     stop_reason = "nonfinite"
-                elif signalled:
+                elif stats["signal"]:
                     stop_reason = "signal"
-            elif signalled:
-                stop_reason = "signal"
-            periodic = bool(t.checkpointing_steps) and progress.global_step % t.checkpointing_steps == 0
-            if periodic or stop_reason:
-                saved = save_checkpoint(accelerator, out, f"checkpoint-step-{progress.global_step}", progress,
-                                        record, t.checkpoints_total_limit)
+            if stop_reason or (t.checkpointing_steps and progress.global_step % t.checkpointing_steps == 0):
+                saved = save(f"checkpoint-step-{progress.global_step}")
+                saved_at = progress.global_step
             if stop_reason:
                 signals.signum = signals.signum or signal.SIGTERM
                 report_stop(stop_reason, signals.signum, saved, progress, t, main)
@@ -739,12 +783,14 @@ def train(cfg: Config) -> int:
                 with ema_weights(ema, unet):
                     evaluator(unet, noise_scheduler, progress.global_step, record)
             if epoch % t.save_model_epochs == 0:
-                save_checkpoint(accelerator, out, f"checkpoint-epoch-{epoch}", progress, record,
-                                t.checkpoints_total_limit)
+                save(f"checkpoint-epoch-{epoch}")
+                saved_at = progress.global_step
     bar.close()
 
-    # --- 6. Final model and samples ------------------------------------------------------------------
+    # --- 7. Final checkpoint, model and samples ------------------------------------------------------
     if not stop_reason:
+        if saved_at != progress.global_step:  # so that extending the run starts from its end
+            save(f"checkpoint-step-{progress.global_step}")
         save_final_model(accelerator, unet, ema, noise_scheduler, out, record)
         draw_previews(accelerator, unet, ema, cfg, noise_scheduler, out / "final_samples.png", writer,
                       "final_samples", progress.global_step)
@@ -763,7 +809,7 @@ class LogWindow:
         self.accelerator = accelerator
         device = accelerator.device
         self.loss_sum = torch.zeros((), device=device)
-        self.skipped = torch.zeros((), device=device)
+        self.nonfinite = torch.zeros((), device=device)
         self.in_a_row = torch.zeros((), device=device)
         self.batches, self.started = 0, time.perf_counter()
 
@@ -771,19 +817,19 @@ class LogWindow:
         self.loss_sum += loss
         self.batches += 1
         if finite is not None:
-            self.skipped += ~finite
+            self.nonfinite += ~finite
             self.in_a_row = (self.in_a_row + 1) * ~finite
 
     def read(self, signum: Optional[int], batch_size: int) -> dict:
         """Average over processes and reset the window (a collective: every process calls it together)."""
         n = self.accelerator.num_processes
         signalled = torch.tensor(float(bool(signum)), device=self.loss_sum.device)
-        values = torch.stack([self.loss_sum / self.batches, self.skipped, self.in_a_row, signalled])
-        loss, skipped, in_a_row, signal_share = self.accelerator.reduce(values, "mean").tolist()
+        values = torch.stack([self.loss_sum / self.batches, self.nonfinite, self.in_a_row, signalled])
+        loss, nonfinite, in_a_row, signal_share = self.accelerator.reduce(values, "mean").tolist()
         seconds = time.perf_counter() - self.started
-        stats = {"loss": loss, "skipped": round(skipped), "in_a_row": round(in_a_row), "signal": signal_share > 0,
+        stats = {"loss": loss, "nonfinite": round(nonfinite), "in_a_row": round(in_a_row), "signal": signal_share > 0,
                  "img_per_s": self.batches * batch_size * n / seconds}
-        self.loss_sum.zero_(), self.skipped.zero_()
+        self.loss_sum.zero_(), self.nonfinite.zero_()
         self.batches, self.started = 0, time.perf_counter()
         return stats
 

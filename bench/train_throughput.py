@@ -10,7 +10,8 @@ alternate (plain, ours, ours, plain, ...) so drifting load on a shared machine h
 synchronized before the clock is read; img/s is the median over runs.
   plain: the step of diffusers' examples/unconditional_image_generation/train_unconditional.py, written out.
   ours:  train_ddpm.train_step with train_ddpm.train's set-up (fused AdamW, foreach EMA, channels_last on CUDA,
-         uint8 batches through dataset.to_model_input, a host sync only every --logging_steps).
+         uint8 batches through dataset.to_model_input, one host sync per optimizer step: whether it was
+         applied, so that a skipped step advances neither the LR nor the EMA; the loss read every --logging_steps).
 --ablate adds the plain loop with one technique switched on at a time. --full_run also runs train_ddpm.py as a
 subprocess fed by the real dataset code and reports its TensorBoard train/img_per_s beside the two loops.
 """
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed run")
     p.add_argument("--repeats", type=int, default=15, help="timed runs per loop (the median is reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per loop first")
-    p.add_argument("--logging_steps", type=int, default=10, help="our loop's host-sync interval (train_ddpm's)")
+    p.add_argument("--logging_steps", type=int, default=10, help="our loop's loss read-back interval (train_ddpm's)")
     p.add_argument("--ablate", action="store_true", help="also the plain loop with one technique switched on")
     p.add_argument("--full_run", action="store_true", help="also time a real train_ddpm.py run (subprocess)")
     p.add_argument("--full_steps", type=int, default=150, help="optimizer steps of the --full_run")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -75,6 +76,7 @@ def test_a_source_reaches_loader_workers_under_any_start_method(tmp_path, mnist_
 def test_memory_mapped_and_in_memory_caches_agree(tmp_path):
     folder = make_image_folder(tmp_path / "images", count=8)
     cache = dataset.load_dataset(config_for(folder, tmp_path / "data"), progress=False)
+    assert isinstance(cache.images, np.memmap) and not cache.images.flags.writeable  # pages shared by processes
     mapped = dataset.ImageCache(cache.path, cache.count, in_memory=False)
     indices = [5, 0, 7, 2]
     assert torch.equal(mapped.__getitems__(indices), cache.__getitems__(indices))

@@ -1,8 +1,10 @@
-"""Two real processes on the CPU (gloo): sharded data, outputs written once, previews, resume."""
+"""Two real processes on the CPU (gloo): sharded data, outputs written once, previews, checkpoints that do not
+depend on the process count (as a pretrained model, for inference, resumed by one process)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.data_loader import prepare_data_loader
+from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, TINY_RUN, cli_env
+import inference
+import train_ddpm
+from conftest import ROOT, TINY_RUN, cli_env, run_cli
 from dataset import ImageCache, make_dataloader
 
 
@@ -29,11 +34,9 @@ def loss_steps(event_file: Path) -> list[int]:
 
 
 TORCHRUN = ["torch.distributed.run", "--nproc_per_node", "2"]
-ACCELERATE = ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def test_two_processes_train_write_once_and_resume(image_folder, tmp_path):
+def test_two_processes_train_write_once_and_resume_in_one(image_folder, tmp_path):
     out = tmp_path / "run"
     # 12 images, 2 per process: a global batch of 4, so 3 optimizer steps an epoch.
     args = [*TINY_RUN, "--train_batch_size", 2, "--dataset_name", "custom", "--dataset_path", image_folder,
@@ -41,6 +44,7 @@ def test_two_processes_train_write_once_and_resume(image_folder, tmp_path):
     first = launch(TORCHRUN, *args, "--max_train_steps", 4)
     assert first.stdout.count("training on 12 images, 2 process(es)") == 1
     assert first.stdout.count("done: 4 steps") == 1
+    assert first.stdout.count("data: ") == 1, "the data is read and reported by the machine's main process"
     record = json.loads((out / "config.json").read_text())
     assert record["_provenance"]["num_processes"] == 2
     assert (out / "samples_epoch_1.png").exists() and (out / "checkpoint-epoch-1").exists()
@@ -48,14 +52,48 @@ def test_two_processes_train_write_once_and_resume(image_folder, tmp_path):
     assert sorted(p.name for p in checkpoint.glob("random_states_*.pkl")) == ["random_states_0.pkl",
                                                                             "random_states_1.pkl"]
     assert json.loads((checkpoint / "progress.json").read_text())["global_step"] == 3
+    weights = load_file(checkpoint / "model.safetensors")
+    assert not [k for k in weights if k.startswith("module.")], "weights are stored under the UNet's own names"
 
-    resumed = launch(ACCELERATE, "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps", 6)
-    assert resumed.stdout.count("resumed from") == 1 and "at step 3" in resumed.stdout
+    # The checkpoint of a 2-process run as a pretrained model and as inference.py's --model_path: its EMA pipeline.
+    cfg, _ = train_ddpm.parse_config([*map(str, TINY_RUN), "--output_dir", str(tmp_path / "x"),
+                                      "--pretrained_model_path", str(checkpoint)])
+    ema_unet = train_ddpm.load_pretrained(cfg, 3)
+    final_ema = load_file(out / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not torch.equal(ema_unet.state_dict()["conv_in.weight"], weights["conv_in.weight"])  # EMA, not training
+    unet, scheduler_config = inference.load_model(str(checkpoint), torch.float32)
+    assert torch.equal(unet.state_dict()["conv_in.weight"], ema_unet.state_dict()["conv_in.weight"])
+    assert scheduler_config["num_train_timesteps"] == 1000 and final_ema.keys() == weights.keys()
+    # A checkpoint written before checkpoints held a pipeline: training weights stored with DDP's prefix.
+    old = tmp_path / "old-checkpoint"
+    old.mkdir()
+    shutil.copy(checkpoint / "config.json", old / "config.json")
+    save_file({f"module.{k}": v for k, v in weights.items()}, old / "model.safetensors")
+    cfg.training.pretrained_model_path = str(old)
+    assert torch.equal(train_ddpm.load_pretrained(cfg, 3).state_dict()["conv_in.weight"], weights["conv_in.weight"])
+
+    # The final checkpoint made to look as before checkpoint.py (weights under DDP's names, no pipeline, no
+    # skipped_steps, lr_segment or save sequence), then resumed by one process in the middle of epoch 2: another data
+    # layout, so it goes on at the start of epoch 3 and says so.
+    final = out / "checkpoint-step-4"
+    final_weights = load_file(final / "model.safetensors")
+    save_file({f"module.{k}": v for k, v in final_weights.items()}, final / "model.safetensors")
+    shutil.rmtree(final / "unet"), shutil.rmtree(final / "scheduler"), (final / "model_index.json").unlink()
+    for progress_file in out.glob("checkpoint-*/progress.json"):
+        progress = json.loads(progress_file.read_text())
+        progress_file.write_text(json.dumps({k: v for k, v in progress.items()
+                                             if k not in ("skipped_steps", "lr_segment", "sequence")}))
+    resumed = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "latest",
+                      "--max_train_steps", 6)
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+    assert "processes 2 -> 1" in resumed.stdout and "start of epoch 3" in resumed.stdout
+    assert "curve had reached 0 at step 4" in resumed.stdout  # the old run's LR curve, ended at its 4 steps
     assert resumed.stdout.count("done: 6 steps") == 1
-    assert (out / "checkpoint-epoch-2").exists() and (out / "final_model" / "model_index.json").exists()
+    assert json.loads((out / "checkpoint-step-6" / "progress.json").read_text())["epoch"] == 2
+    assert (out / "final_model" / "model_index.json").exists()
     event_files = list((out / "logs").rglob("events.out.tfevents.*"))
     steps = sorted(step for f in event_files for step in loss_steps(f))
-    assert steps == [1, 2, 3, 4, 4, 5, 6]  # written by one process only (step 4: the first run, then the resume)
+    assert steps == [1, 2, 3, 4, 5, 6]  # written by one process only, and resumed from where the run ended
 
 
 def test_each_image_is_seen_once_per_epoch_across_processes(tmp_path):

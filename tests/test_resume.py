@@ -1,8 +1,10 @@
-"""Training that survives: exact resume, preemption, SIGKILL, NaN steps, overwrite protection, fine-tuning."""
+"""Training that survives: exact resume, preemption, SIGKILL, NaN and fp16-overflow steps, overwrite protection,
+fine-tuning, extending a run, settings changed on resume, resuming from an older checkpoint."""
 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -12,8 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, TINY_RUN, cli_env, run_cli
+from checkpoint import find_checkpoint
+from config import UserError
+from conftest import ROOT, TINY_MODEL, TINY_RUN, cli_env, run_cli
 
 # 12 images in batches of 4: 3 optimizer steps an epoch, so step 4 is in the middle of epoch 2.
 # A warm-up schedule makes the LR change across the resume point without depending on the run's length.
@@ -97,9 +102,14 @@ def progress_of(checkpoint: Path) -> dict:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_or_ctrl_c_checkpoints_and_the_run_resumes_to_the_end(image_folder, tmp_path, signum):
-    out = tmp_path / "run"
-    proc = start_training(image_folder, out)
+def test_sigterm_or_ctrl_c_checkpoints_and_a_fine_tune_resumes_to_the_end(image_folder, tmp_path, trained_run,
+                                                                          signum):
+    out, (base, _) = tmp_path / "run", trained_run
+    if signum == signal.SIGTERM:  # a fine-tune with a frozen encoder, stopped and resumed
+        proc = start_training(image_folder, out, "--pretrained_model_path", base / "final_model",
+                              "--freeze_down_blocks")
+    else:  # the stop is decided at a log step, whatever the process count
+        proc = start_training(image_folder, out, "--logging_steps", 3)
     wait_for(lambda: (out / "checkpoint-step-4" / "progress.json").exists(), proc)
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
@@ -109,11 +119,20 @@ def test_sigterm_or_ctrl_c_checkpoints_and_the_run_resumes_to_the_end(image_fold
     assert "--model_preset quickstart" in stdout, "a CPU run this long is told its time and a quicker start"
     latest = max((p for p in out.glob("checkpoint-step-*")), key=lambda p: progress_of(p)["global_step"])
     stopped_at = progress_of(latest)["global_step"]
-    assert stopped_at >= 4
+    if signum == signal.SIGINT:
+        assert stopped_at % 3 == 0 and stopped_at > 4
+        return
     resumed = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "latest",
                       "--max_train_steps", stopped_at + 2)
     assert f"done: {stopped_at + 2} steps" in resumed.stdout
-    assert (out / "final_model" / "model_index.json").exists()
+    pretrained = load_file(base / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
+    stopped, end = load_checkpoint_state(latest), load_checkpoint_state(out / f"checkpoint-step-{stopped_at + 2}")
+    frozen = [k for k in pretrained if k.startswith(("down_blocks.", "conv_in."))]
+    assert frozen and all(torch.equal(pretrained[k], end["model"][k]) for k in frozen), "still frozen after resume"
+    decoder = [k for k in end["model"] if k.startswith("up_blocks.")]
+    assert any(not torch.equal(stopped["model"][k], end["model"][k]) for k in decoder)
+    assert end["optimizer"]["state"][0]["step"] == stopped["optimizer"]["state"][0]["step"] + 2, "AdamW state resumed"
+    assert json.loads((out / "config.json").read_text())["training"]["freeze_down_blocks"] is True
 
 
 def test_sigkill_resumes_from_the_last_complete_checkpoint(image_folder, tmp_path):
@@ -141,7 +160,10 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_advice(image_folder
     assert "NaN/inf" in proc.stderr and "--learning_rate" in proc.stderr and "Traceback" not in proc.stderr
     (checkpoint,) = out.glob("checkpoint-step-*")
     state = load_checkpoint_state(checkpoint)
-    assert state["progress"]["nonfinite_steps"] >= 3
+    progress = state["progress"]
+    assert progress["nonfinite_steps"] >= 3 and progress["skipped_steps"] == progress["nonfinite_steps"]
+    applied = progress["global_step"] - progress["skipped_steps"]
+    assert state["ema"]["optimization_step"] == applied, "the EMA does not advance on a skipped step"
     assert all(torch.isfinite(w).all() for w in state["model"].values()), "skipped steps leave the weights finite"
     assert not (out / "final_model").exists()
 
@@ -165,9 +187,8 @@ def test_seed_is_drawn_and_recorded_and_old_checkpoints_rotate(image_folder, tmp
     assert json.loads((out / "final_model" / "config.json").read_text())["training"]["seed"] == seed
 
 
-def test_fine_tuning_from_final_model_with_frozen_encoder(image_folder, tmp_path):
-    base = tmp_path / "base"
-    run_cli("train_ddpm.py", *train_args(image_folder, base, "--max_train_steps", 2))
+def test_fine_tuning_from_final_model_with_frozen_encoder(image_folder, tmp_path, trained_run):
+    base, _ = trained_run
     tuned = tmp_path / "tuned"
     run_cli("train_ddpm.py", *train_args(image_folder, tuned, "--max_train_steps", 3, "--pretrained_model_path",
                                          base / "final_model", "--freeze_down_blocks", "--no_use_ema",
@@ -178,7 +199,116 @@ def test_fine_tuning_from_final_model_with_frozen_encoder(image_folder, tmp_path
     trained = [k for k in before if k.startswith("up_blocks.")]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in trained)
-    mismatch = run_cli("train_ddpm.py", *train_args(image_folder, tmp_path / "bad", "--max_train_steps", 1,
-                                                    "--pretrained_model_path", base / "final_model",
-                                                    "--image_size", 32), check=False)
-    assert mismatch.returncode == 2 and "--image_size 16" in mismatch.stderr
+    import train_ddpm  # a model of another size is refused when it loads (in-process: the CLI adds only imports)
+
+    cfg, _ = train_ddpm.parse_config([*map(str, TINY_MODEL), "--image_size", "32", "--output_dir", str(tmp_path / "x"),
+                                      "--pretrained_model_path", str(base / "final_model")])
+    with pytest.raises(UserError, match="--image_size 16"):
+        train_ddpm.load_pretrained(cfg, 3)
+
+
+def lr_by_run(out: Path) -> list[dict[int, float]]:
+    """train/lr as TensorBoard holds it, one {step: lr} per run (event file), oldest run first."""
+    runs = []
+    for path in sorted((out / "logs").rglob("events.out.tfevents.*"), key=lambda p: p.name):
+        events = EventAccumulator(str(path)).Reload()
+        if "train/lr" in events.Tags()["scalars"]:
+            runs.append({e.step: e.value for e in events.Scalars("train/lr")})
+    return runs
+
+
+def test_extend_a_finished_run_with_new_settings_then_resume_an_older_one(image_folder, tmp_path, capsys):
+    out, peak = tmp_path / "run", 1e-3
+    cosine = ["--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--learning_rate", peak]
+    # 6 steps: checkpoint-step-4 (periodic) and, as every run that ends normally, checkpoint-step-6.
+    run_cli("train_ddpm.py", *train_args(image_folder, out, "--max_train_steps", 6, *cosine))
+    assert progress_of(out / "checkpoint-step-6")["global_step"] == 6
+    # Extended to 10 steps, with other AdamW and EMA settings: they take effect and config.json records them. A new
+    # batch size starts at an epoch boundary (step 6 ends epoch 2), where it changes nothing else.
+    extended = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps",
+                       10, "--adam_beta1", 0.8, "--ema_power", 0.5, "--train_batch_size", 2)
+    assert "at step 6" in extended.stdout and "a new one warms up from 0 over 2 steps" in extended.stdout
+    assert "train_batch_size 4 -> 2; training continues at the start of epoch 3" in extended.stdout
+    state = load_checkpoint_state(out / "checkpoint-step-10")
+    assert state["optimizer"]["param_groups"][0]["betas"][0] == 0.8 and state["ema"]["power"] == 0.5
+    assert state["ema"]["optimization_step"] == 10
+    record = json.loads((out / "config.json").read_text())["training"]
+    assert record["adam_beta1"] == 0.8 and record["ema_power"] == 0.5 and record["max_train_steps"] == 10
+    # Back to checkpoint-step-4 (mid-way down the 6-step cosine), to end at step 9: the LR goes on down from where it
+    # was, and `latest` is this new branch's checkpoint-step-9, not the abandoned checkpoint-step-10.
+    # Rotation drops the abandoned branch first (6, then 10; 8 is overwritten by this branch's periodic save) and
+    # keeps this branch's 4, 8 and 9.
+    rollback = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "checkpoint-step-4",
+                       "--max_train_steps", 9, "--checkpoints_total_limit", 3)
+    assert "from its current value at step 4 down to 0 at step 9" in rollback.stdout
+    assert find_checkpoint(str(out), "latest") == out / "checkpoint-step-9"  # what --resume_from_checkpoint uses
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-step-{n}" for n in (4, 8, 9)]
+    # What the weights and the optimizer were built for is refused on resume, with one line.
+    import train_ddpm
+
+    assert train_ddpm.main(["--output_dir", str(out), "--resume_from_checkpoint", "latest", "--lr_scheduler",
+                            "linear", "--dry_run"]) == 2
+    assert "--lr_scheduler cannot change when resuming (the checkpoint has cosine)" in capsys.readouterr().err
+    first, second, third = lr_by_run(out)[:3]
+    assert first[6] == 0 and first[4] == pytest.approx(peak / 2)  # the cosine's middle: (4 - 2) / (6 - 2)
+    assert second[7] == pytest.approx(peak / 2) and second[8] == pytest.approx(peak)  # warmed up from 0 again
+    assert third[5] == pytest.approx(peak / 2 * (1 + math.cos(math.pi / 5)) / 2) and third[9] == 0
+    for run in (first, second, third):  # no jump anywhere: each step moves the LR by at most one warm-up step
+        steps = sorted(run)
+        assert all(abs(run[a] - run[b]) <= peak / 2 + 1e-9 for a, b in zip(steps, steps[1:]))
+    assert abs(third[5] - first[4]) < peak / 10
+
+
+def test_fp16_overflow_skips_are_not_nonfinite_and_advance_neither_lr_nor_ema(tmp_path):
+    """GradScaler's loss-scale search on CPU: a scaler stubbed with an infinite scale overflows every step."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    import train_ddpm
+
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=float("inf"))  # what prepare() hands the optimizer
+    cfg, _ = train_ddpm.parse_config([*map(str, TINY_MODEL), "--seed", "0", "--learning_rate", "1e-3",
+                                      "--lr_scheduler", "linear", "--lr_warmup_steps", "0", "--output_dir",
+                                      str(tmp_path)])
+    parts = train_ddpm.build_training(cfg, accelerator, 3, total_steps=10)
+    window = train_ddpm.LogWindow(accelerator)
+    batch = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    before = [p.detach().clone() for p in parts.unet.parameters()]
+    for seed in range(3):
+        loss, finite = train_ddpm.train_step(batch, parts, accelerator, cfg, seed)
+        window.add(loss, finite)
+    assert all(torch.equal(a, b) for a, b in zip(before, parts.unet.parameters())), "the scaler skipped the steps"
+    assert window.read(None, 4)["nonfinite"] == 0, "loss-scale search is not counted as NaN/inf steps"
+    assert parts.lr_schedule.last_epoch == 0 and parts.lr_schedule.get_last_lr() == [1e-3]
+    assert parts.ema.optimization_step == 0
+    accelerator.scaler.update(1.0)  # a scale that fits: the next step is applied
+    loss, finite = train_ddpm.train_step(batch, parts, accelerator, cfg, 3)
+    assert bool(finite) and not all(torch.equal(a, b) for a, b in zip(before, parts.unet.parameters()))
+    assert parts.lr_schedule.last_epoch == 1 and parts.lr_schedule.get_last_lr() == [pytest.approx(0.9e-3)]
+    assert parts.ema.optimization_step == 1
+    AcceleratorState._reset_state(True)
+
+
+def test_checkpoint_weights_drop_the_names_of_wrappers():
+    from checkpoint import strip_wrapper_prefixes
+
+    weights = {"_orig_mod.module.conv_in.weight": 1, "module.up_blocks.0.module.x": 2, "conv_out.bias": 3}
+    assert strip_wrapper_prefixes(weights) == {"conv_in.weight": 1, "up_blocks.0.module.x": 2, "conv_out.bias": 3}
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant_with_warmup", "constant"])
+def test_lr_curve_is_diffusers_schedule_and_extends_without_a_jump(kind):
+    from diffusers.optimization import get_scheduler
+
+    import train_ddpm
+
+    reference = get_scheduler(kind, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                              num_warmup_steps=3, num_training_steps=10).lr_lambdas[0]
+    curve = train_ddpm.LRCurve(kind, [0, 3, 1.0, 10])
+    assert [curve(step) for step in range(12)] == [reference(step) for step in range(12)]
+    at_resume = curve(6)
+    curve.extend(6, 20, warmup=3)  # the run goes on to step 20
+    assert curve(6) == pytest.approx(at_resume)
+    assert curve(20) == (at_resume if kind.startswith("constant") else 0) and curve(13) <= at_resume
