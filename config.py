@@ -51,7 +51,7 @@ class TrainingConfig:
     num_epochs: int = 100  # passes over the data
     max_train_steps: Optional[int] = None  # stop after this many optimizer steps (overrides num_epochs)
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
-    learning_rate: float | Auto = "auto"  # peak AdamW LR; auto: 1e-4 x sqrt(113.7M / parameters), 1e-4 for the README's UNet
+    learning_rate: float | Auto = "auto"  # peak AdamW LR; auto: 1e-4 x (113.7M / parameters) ** 0.6, 1e-4 for the README's UNet
     lr_scheduler: LRSchedule = "cosine"  # LR shape
     lr_warmup_steps: int | Auto = "auto"  # linear warm-up, in optimizer steps; auto: 5% of the run, at most 500
     adam_beta1: float = 0.95  # AdamW beta1
