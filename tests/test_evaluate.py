@@ -206,3 +206,12 @@ def test_a_folder_holding_a_diffusers_unet_is_scored_like_a_pipeline(scored, tmp
     reference, reference_schedule = inference.load_model(str(model), torch.float32)
     assert unet.config.sample_size == 8 and dict(schedule) == dict(reference_schedule)
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reference.state_dict().values()))
+
+
+def test_a_training_checkpoint_is_scored_with_its_ema_weights(trained_run):
+    """Checkpoints hold the EMA UNet in diffusers format: evaluate.py takes a checkpoint folder as a model."""
+    out, _ = trained_run
+    checkpoint = out / "checkpoint-epoch-2"  # the run's last epoch: its EMA weights are final_model's
+    unet, _ = evaluate.load_model(str(checkpoint), torch.float32)
+    final, _ = inference.load_model(str(out / "final_model"), torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), final.state_dict().values()))
