@@ -154,9 +154,9 @@ README_UNET_PARAMETERS = 113_673_219  # the README's default UNet (config.py), w
 def auto_learning_rate(num_parameters: int) -> float:
     """1e-4 x (113.7M / parameters) ** 0.6: the original README's 1e-4 for its UNet, Ho et al.'s 2e-4 for their
     35.7M CIFAR-10 UNet, and on the glyph benchmark's 1.0M UNet 1.7e-3, which beat the square root's 1.1e-3 at
-    1,000 steps (bench/RESULTS.md); two significant digits, at most 2e-3."""
+    1,000 steps (bench/RESULTS.md); two significant digits, at most 4e-3 (on a 0.25M UNet 4e-3 beat 2e-3 and 1e-3)."""
     lr = 1e-4 * (README_UNET_PARAMETERS / num_parameters) ** 0.6
-    return float(f"{min(lr, 2e-3):.2g}")
+    return float(f"{min(lr, 4e-3):.2g}")
 
 
 def auto_warmup_steps(total_steps: int) -> int:
