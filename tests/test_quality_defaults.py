@@ -123,3 +123,15 @@ def test_min_snr_weights_are_on_by_default_and_down_weight_only_the_nearly_clean
     assert weights[0] < 0.01 and weights[-1] == 1.0 and bool((weights[1:] >= weights[:-1]).all())
     cfg.training.snr_gamma = None
     assert train_ddpm.min_snr_weights(scheduler, cfg, torch.device("cpu")) is None
+
+
+def test_ddim_steps_on_the_papers_leading_timesteps_whatever_the_models_config():
+    """DDIM 50 runs 980, 960, ..., 0 as in Song et al. and DDIMPipeline (measured better than trailing)."""
+    from diffusers import DDPMScheduler
+
+    import sampling
+
+    for trained in (DDPMScheduler(), DDPMScheduler(timestep_spacing="trailing", steps_offset=1)):
+        ddim = sampling.make_sampler("ddim", trained.config)
+        ddim.set_timesteps(50)
+        assert ddim.timesteps.tolist() == list(range(980, -1, -20))
