@@ -439,6 +439,12 @@ def run(cfg: EvaluateConfig) -> dict:
     device, dtype = choose_device_and_dtype(cfg.dtype, state.device, quiet=not state.is_main_process)
     main = state.is_main_process
     out = prepare_output_dir(cfg.output_dir) if main else Path(cfg.output_dir)
+    if not cfg.images:  # the model first: a wrong --model_path is reported before any weights are fetched
+        unet, trained_schedule = load_model(cfg.model_path, dtype)
+        steps = inference_steps(cfg, trained_schedule.num_train_timesteps)
+        if steps > trained_schedule.num_train_timesteps:
+            raise UserError(f"--num_inference_steps {steps} exceeds the model's "
+                            f"{trained_schedule.num_train_timesteps} training timesteps; lower it")
     with state.main_process_first():  # the weights download once
         inception = load_inception(cfg.inception_weights, device, progress=main)
     if not inception.standard and main:
@@ -460,11 +466,6 @@ def run(cfg: EvaluateConfig) -> dict:
         model = {"images": str(cfg.images), "count": len(images)}
         steps = None
     else:
-        unet, trained_schedule = load_model(cfg.model_path, dtype)
-        steps = inference_steps(cfg, trained_schedule.num_train_timesteps)
-        if steps > trained_schedule.num_train_timesteps:
-            raise UserError(f"--num_inference_steps {steps} exceeds the model's "
-                            f"{trained_schedule.num_train_timesteps} training timesteps; lower it")
         unet = unet.to(device).eval()
         if device.type == "cuda":
             unet = unet.to(memory_format=torch.channels_last)

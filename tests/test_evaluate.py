@@ -20,7 +20,7 @@ import evaluate
 import inference
 from conftest import ROOT, cli_env, make_image_folder, run_cli, save_tiny_pipeline
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
 # 5 images in batches of 2: uneven shares on two processes (3 and 2) and a short last batch. Few images, as the
 # random Inception takes about 0.2 s an image on a CPU.
 SAMPLING = ["--num_images", 5, "--batch_size", 2, "--scheduler", "ddim", "--num_inference_steps", 3]
@@ -165,9 +165,13 @@ def test_offline_without_weights_is_one_line_and_exit_2(scored, tmp_path, monkey
             monkeypatch.setenv(name, value)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
     assert evaluate.main(["--model_path", str(model), "--num_images", "2", "--output_dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: cannot download the Inception-v3 weights")
-    assert "weights-inception-2015-12-05-6726825d.pth" in err and "--inception_weights" in err
+    err = capsys.readouterr().err  # the model is loaded (its progress bar) before the weights are looked for
+    (line,) = [line for line in err.splitlines() if line.strip() and "Loading pipeline components" not in line]
+    assert line.startswith("error: cannot download the Inception-v3 weights")
+    assert "weights-inception-2015-12-05-6726825d.pth" in line and "--inception_weights" in line
+    # A wrong model is named first, before any weights are looked for.
+    assert evaluate.main(["--model_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "--model_path" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -33,7 +33,7 @@ def loss_steps(event_file: Path) -> list[int]:
     return [e.step for e in events.Scalars("train/loss")] if "train/loss" in events.Tags()["scalars"] else []
 
 
-TORCHRUN = ["torch.distributed.run", "--nproc_per_node", "2"]
+TORCHRUN = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port, not 29500
 
 
 def test_two_processes_train_write_once_and_resume_in_one(image_folder, tmp_path):
