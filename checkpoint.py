@@ -1,4 +1,5 @@
-"""Checkpoints: where a run is (progress.json), listing, atomic saves, rotation and loading.
+"""Training checkpoints: where a run is (progress.json), listing, atomic saves, rotation, loading, and the EMA
+weights swapped in for whatever is saved or drawn.
 
 A checkpoint-*/ folder holds two things:
 - the whole training state for --resume_from_checkpoint (accelerate's save_state: weights, AdamW, EMA, RNGs),
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -22,28 +21,10 @@ from typing import Iterator, Optional
 import torch
 
 from config import UserError
+from files import partial_folder, read_json, replace_folder, write_json
+from model import save_model, strip_wrapper_prefixes
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(epoch|step)-(\d+)$")
-WRAPPER_PREFIX = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DDP and torch.compile wrap a model under these names
-
-
-# ---------------------------------------------------------------------------------------------------
-# Small files
-# ---------------------------------------------------------------------------------------------------
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path} ({e}); is it a folder written by train_ddpm.py?") from None
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomic: written beside under a name unique to this process, then renamed into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 @dataclasses.dataclass
@@ -107,13 +88,8 @@ def find_checkpoint(output_dir: str, which: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Weights without wrappers, and the EMA pipeline
+# Weights without wrappers, and the EMA weights
 # ---------------------------------------------------------------------------------------------------
-
-
-def strip_wrapper_prefixes(state_dict: dict) -> dict:
-    """`module.conv_in.weight` (DDP) or `_orig_mod.module.conv_in.weight` (compiled DDP) -> `conv_in.weight`."""
-    return {WRAPPER_PREFIX.sub("", key): value for key, value in state_dict.items()}
 
 
 def register_wrapper_free_weights(accelerator) -> None:
@@ -150,14 +126,6 @@ def ema_weights(ema, model) -> Iterator[None]:
         ema.restore(model.parameters())
 
 
-def save_pipeline(folder: Path, unet, ema, noise_scheduler) -> None:
-    """The EMA UNet and the noise schedule as a diffusers DDPMPipeline (DDPMPipeline.from_pretrained loads it)."""
-    from diffusers import DDPMPipeline
-
-    with ema_weights(ema, unet):
-        DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(folder)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Saving, rotation, loading
 # ---------------------------------------------------------------------------------------------------
@@ -166,21 +134,22 @@ def save_pipeline(folder: Path, unet, ema, noise_scheduler) -> None:
 def save_checkpoint(accelerator, output_dir: Path, name: str, progress: Progress, record: dict, pipeline: tuple,
                     total_limit: Optional[int]) -> Path:
     """Write the whole training state and the EMA pipeline to output_dir/name, atomically: a crash leaves no
-    half-written checkpoint. `pipeline` is (unet, ema, noise_scheduler)."""
-    final, tmp = output_dir / name, output_dir / f"{name}.partial"
+    half-written checkpoint (files.replace_folder). `pipeline` is (unet, ema, noise_scheduler). Every process
+    writes its part (accelerate's save_state: its RNG states) into one partial folder; the main process finishes."""
+    final = output_dir / name
+    tmp = partial_folder(final)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        save_pipeline(tmp, *pipeline)
-        write_json(tmp / "config.json", record)
+        unet, ema, noise_scheduler = pipeline
+        with ema_weights(ema, unet):
+            save_model(tmp, unet, noise_scheduler, record)
         sequence = 1 + max((save_order(p)[0] for p in list_checkpoints(output_dir)), default=0)
         write_json(tmp / "progress.json", {**dataclasses.asdict(progress), "sequence": sequence})
         progress.lineage.append(sequence)  # on the main process, which alone rotates
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
         rotate(output_dir, total_limit, progress.lineage)
     accelerator.wait_for_everyone()
     return final

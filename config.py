@@ -1,30 +1,33 @@
-"""The single source of truth for every setting of the toolkit.
+"""Every setting of the toolkit: the typed config tree, its command line, its checks, and how "auto" resolves.
 
 Edit the defaults below (as the README shows: ``training_config.num_epochs = 200``) or override any field
-from the command line with a flag of the same name (``--num_epochs 200``). ``train_ddpm.py`` writes the
-resolved configuration to ``output_dir/config.json`` and into every checkpoint and ``final_model/``.
+from the command line with a flag of the same name (``--num_epochs 200``). A training run resolves its config once
+(``resolve``: every "auto" and derived value, before anything is built) and writes the result to
+``output_dir/config.json`` and into every checkpoint and ``final_model/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import functools
 import inspect
 import json
+import math
 import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Collection, Literal, Optional
 
 Auto = Literal["auto"]  # a field typed `float | Auto` takes a number or "auto" (chosen by the script)
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 LRSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
-# Samplers that are correct in sampling.sample_images (NOTES.md lists the diffusers ones that are not drop-in).
+# Samplers that are correct in sampling.sample_images (see SAMPLER_CLASSES there).
 Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc", "euler", "euler_a", "heun"]
 SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
 
@@ -39,6 +42,20 @@ README_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4
 
 class UserError(Exception):
     """A mistake the user can fix: reported as one line and exit code 2, never a traceback."""
+
+
+EXIT_USER_ERROR = 2
+
+
+def exit_code(command: Callable[[], object]) -> int:
+    """Run a command line's work: the exit code it returns (0 when it returns anything else), or for a UserError one
+    `error:` line on stderr and EXIT_USER_ERROR."""
+    try:
+        code = command()
+        return code if isinstance(code, int) else 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 @dataclass
@@ -402,6 +419,251 @@ PRESETS: dict[str, dict[str, object]] = {
         save_model_epochs=1,
     ),
 }
+
+
+TRAINING_SECTIONS = (TrainingConfig, DataConfig, ModelConfig, SchedulerConfig)  # train_ddpm.py's flags
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks: a user's mistakes caught before any work, one line each
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_ranges(at_least: dict, positive: dict = {}, in_range: dict = {}, optional: Collection[str] = ()) -> None:
+    """at_least: name -> (value, least); positive: name -> value; in_range: name -> (value, low, high), low <= value
+    < high (high None: no bound). None and "auto" pass every check (the field's "not set")."""
+    for name, (value, least) in at_least.items():
+        if value not in (None, "auto") and value < least:
+            raise UserError(f"--{name} must be at least {least}{' (or none)' if name in optional else ''}, got {value}")
+    for name, value in positive.items():
+        if value not in (None, "auto") and not value > 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+    for name, (value, low, high) in in_range.items():
+        if value not in (None, "auto") and not (value >= low and (high is None or value < high)):
+            bounds = f"at least {low}" if high is None else f"in [{low}, {high})"
+            raise UserError(f"--{name} must be {bounds}, got {value}")
+
+
+def check_inception_weights(path: Optional[str]) -> None:
+    if path and not Path(path).expanduser().is_file():
+        raise UserError(f"--inception_weights {path} does not exist; pass the downloaded "
+                        f"weights-inception-2015-12-05-6726825d.pth file")
+
+
+def validate_training(cfg: Config) -> None:
+    """train_ddpm.py's settings: ranges, the UNet's shape, evaluation. (The data source is dataset.check_source's.)"""
+    t, m, s = cfg.training, cfg.model, cfg.scheduler
+    one = ("image_size", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "logging_steps",
+           "save_image_epochs", "save_model_epochs", "num_preview_images", "sample_num_inference_steps",
+           "max_nonfinite_steps", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "eval_epochs")
+    at_least = {name: (getattr(t, name), 1) for name in one}
+    at_least.update(layers_per_block=(m.layers_per_block, 1), norm_num_groups=(m.norm_num_groups, 1),
+                    attention_head_dim=(m.attention_head_dim, 1), num_train_timesteps=(s.num_train_timesteps, 1),
+                    eval_num_images=(t.eval_num_images, 2))
+    optional = [f.name for f in flags_of(*TRAINING_SECTIONS).values() if f.optional]
+    _check_ranges(at_least, optional=optional,
+                  positive=dict(learning_rate=t.learning_rate, adam_epsilon=t.adam_epsilon, beta_start=s.beta_start,
+                                snr_gamma=t.snr_gamma, ema_inv_gamma=t.ema_inv_gamma),
+                  in_range=dict(lr_warmup_steps=(t.lr_warmup_steps, 0, None), display_size=(t.display_size, 0, None),
+                                adam_weight_decay=(t.adam_weight_decay, 0, None), adam_beta1=(t.adam_beta1, 0, 1),
+                                max_grad_norm=(t.max_grad_norm, 0, None), adam_beta2=(t.adam_beta2, 0, 1),
+                                dropout=(m.dropout, 0, 1), ema_max_decay=(t.ema_max_decay, 0, 1),
+                                beta_end=(s.beta_end, s.beta_start, 1)))
+    check_inception_weights(t.inception_weights)
+    if t.sample_num_inference_steps > s.num_train_timesteps:
+        raise UserError(f"--sample_num_inference_steps {t.sample_num_inference_steps} exceeds the "
+                        f"{s.num_train_timesteps} training timesteps; lower it")
+    if cfg.data.dataloader_num_workers < -1:
+        raise UserError(f"--dataloader_num_workers must be -1 (auto) or at least 0, got "
+                        f"{cfg.data.dataloader_num_workers}")
+    if t.freeze_down_blocks and not t.pretrained_model_path:
+        raise UserError("--freeze_down_blocks needs --pretrained_model_path (freezing untrained weights is pointless)")
+    if t.pretrained_model_path and not t.resume_from_checkpoint:  # the pretrained model's shape, checked by resolve
+        return
+    levels = len(m.block_out_channels)
+    if not len(m.down_block_types) == len(m.up_block_types) == levels:
+        raise UserError(f"block_out_channels, down_block_types and up_block_types must have the same length, got "
+                        f"{levels}, {len(m.down_block_types)} and {len(m.up_block_types)}; give one of each per level")
+    if t.image_size % 2 ** (levels - 1):
+        raise UserError(f"--image_size {t.image_size} cannot be halved {levels - 1} times by a UNet of {levels} levels; "
+                        f"use a multiple of {2 ** (levels - 1)} or fewer --block_out_channels")
+    bad_groups = [c for c in m.block_out_channels if c % m.norm_num_groups]
+    if bad_groups:
+        raise UserError(f"--norm_num_groups {m.norm_num_groups} does not divide block_out_channels {bad_groups}; "
+                        f"use channels that are multiples of it or a smaller --norm_num_groups")
+
+
+def _check_sampling(num_inference_steps: Optional[int], batch_size: int, eta: float) -> None:
+    _check_ranges(dict(num_inference_steps=(num_inference_steps, 1), batch_size=(batch_size, 1)))
+    if not 0 <= eta <= 1:
+        raise UserError(f"--eta must be between 0 and 1, got {eta}")
+
+
+def validate_inference(cfg: InferenceConfig, given: Collection[str] = ()) -> None:
+    """inference.py's settings; `given` names the flags on the command line."""
+    if not cfg.model_path:
+        raise UserError("--model_path is required: pass the final_model/ folder that train_ddpm.py writes")
+    _check_ranges(dict(num_images=(cfg.num_images, 1), interp_steps=(cfg.interp_steps, 2),
+                       grid_size=(cfg.grid_size, 1), display_size=(cfg.display_size, 0)))
+    _check_sampling(cfg.num_inference_steps, cfg.batch_size, cfg.eta)
+    if not cfg.fps > 0:
+        raise UserError(f"--fps must be positive, got {cfg.fps}")
+    if cfg.interpolate and "scheduler" in given:  # a value equal to the default is still the user's intent
+        raise UserError(f"--scheduler does not apply to --interpolate, which samples with --interp_scheduler "
+                        f"(default {InferenceConfig.interp_scheduler}); pass --interp_scheduler {cfg.scheduler}")
+
+
+def validate_evaluate(cfg: EvaluateConfig) -> None:
+    """evaluate.py's settings."""
+    if bool(cfg.model_path) == bool(cfg.images):
+        raise UserError("pass either --model_path (a final_model/ folder to sample from) or --images DIR (images "
+                        "already generated), not both" if cfg.model_path else
+                        "nothing to score: pass --model_path (a final_model/ folder) or --images DIR")
+    _check_ranges(dict(num_images=(cfg.num_images, 2)))
+    _check_sampling(cfg.num_inference_steps, cfg.batch_size, cfg.eta)
+    if cfg.images and not Path(cfg.images).expanduser().is_dir():
+        raise UserError(f"--images {cfg.images} is not a folder; pass the folder of generated images")
+    if cfg.reference.endswith(".npz") and not Path(cfg.reference).expanduser().is_file():
+        raise UserError(f"--reference {cfg.reference} does not exist; pass a statistics file (mu, sigma) or a "
+                        f"dataset: cifar10, mnist or custom with --dataset_path")
+    check_inception_weights(cfg.inception_weights)
+
+
+# What a checkpoint's weights and optimizer were built for: a resumed run keeps them (other flags take effect).
+FIXED_ON_RESUME = (*(f.name for f in dataclasses.fields(ModelConfig)), "image_size", "num_channels", "use_ema",
+                   "pretrained_model_path", "freeze_down_blocks", "lr_scheduler", "lr_warmup_steps")
+
+
+def refuse_changes_on_resume(saved: dict[str, object], wanted: dict[str, object]) -> None:
+    changed = [name for name in FIXED_ON_RESUME if wanted[name] != saved[name]]
+    if changed:
+        name = changed[0]
+        shown = " ".join(map(str, saved[name])) if isinstance(saved[name], tuple) else saved[name]
+        raise UserError(f"--{name} cannot change when resuming (the checkpoint has {shown}); leave it out, or start a "
+                        f"new run from this checkpoint's weights with --pretrained_model_path")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resolution: every "auto" and derived value of a training run, once, before anything is built
+# ---------------------------------------------------------------------------------------------------
+
+
+README_UNET_PARAMETERS = 113_673_219  # the README's default UNet (ModelConfig's defaults), whose learning rate is 1e-4
+
+
+def auto_learning_rate(num_parameters: int) -> float:
+    """1e-4 x (113.7M / parameters) ** 0.6: the original README's 1e-4 for its UNet, Ho et al.'s 2e-4 for their
+    35.7M CIFAR-10 UNet, and on the glyph benchmark's 1.0M UNet 1.7e-3, which beat the square root's 1.1e-3 at
+    1,000 steps (bench/RESULTS.md); two significant digits, at most 4e-3 (on a 0.25M UNet 4e-3 beat 2e-3 and 1e-3)."""
+    lr = 1e-4 * (README_UNET_PARAMETERS / num_parameters) ** 0.6
+    return float(f"{min(lr, 4e-3):.2g}")
+
+
+def auto_warmup_steps(total_steps: int) -> int:
+    """5% of the run, at most the 500 steps of diffusers' example: short runs do not waste their steps warming up."""
+    return max(1, min(500, round(0.05 * total_steps)))
+
+
+def resolve_precision(requested: str, device_type: str, native_bf16: bool) -> tuple[str, Optional[str]]:
+    """The precision accelerate runs with (no, fp16, bf16), and a notice when it differs from what was asked."""
+    if device_type == "cuda":  # pre-Ampere GPUs only emulate bf16 (slowly); accelerate refuses GPUs without it
+        if requested == "auto":
+            return ("bf16" if native_bf16 else "fp16"), None
+        if requested == "bf16" and not native_bf16:
+            return "fp16", ("notice: mixed_precision bf16 needs an Ampere or newer GPU; training in fp16 "
+                            "(--mixed_precision no for fp32)")
+        return requested, None
+    if requested == "fp16":
+        return "no", f"notice: mixed_precision fp16 needs a GPU; training in fp32 on {device_type}"
+    return ("no" if requested == "auto" else requested), None
+
+
+def resolve_compile(requested: bool, device_type: str) -> tuple[bool, Optional[str]]:
+    """Whether to torch.compile the UNet, and a notice when --compile is dropped: it pays off on CUDA GPUs only."""
+    if requested and device_type != "cuda":
+        return False, f"notice: --compile needs a CUDA GPU; training uncompiled on {device_type}"
+    return requested, None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A training run as it will run, made once by resolve before anything is built; the run only reads it.
+
+    Settings that belong to the run (learning rate, warm-up, flips, seed, a pretrained model's shape) are filled into
+    `cfg`, which config.json records. Those that belong to the machine it runs on (precision, compile) stay as asked
+    in `cfg`, so that a resume on another machine resolves them again, and their values here are derived ones."""
+
+    cfg: Config  # no "auto" left (lr_warmup_steps keeps it only while the run's length is unknown: --dry_run)
+    channels: int  # of the images and the UNet
+    num_processes: int
+    num_parameters: int  # of the UNet that trains
+    steps_per_epoch: Optional[int]  # optimizer steps in one pass over the data (None: the data is not read yet)
+    total_steps: Optional[int]  # optimizer steps of the whole run
+    precision: str  # accelerate's mixed_precision: no (fp32), fp16 or bf16
+    compile: bool  # torch.compile the UNet
+    chosen: dict  # the "auto" fields and the values they resolved to
+    notices: tuple[str, ...] = ()  # what was asked but cannot be had here, one line each
+
+    @property
+    def images_per_step(self) -> int:
+        t = self.cfg.training
+        return t.train_batch_size * self.num_processes * t.gradient_accumulation_steps
+
+
+def resolve(cfg: Config, count_parameters: Callable[[ModelConfig, int, int], int], *, channels: Optional[int] = None,
+            batches_per_epoch: Optional[int] = None, num_processes: int = 1, seed: Optional[int] = None,
+            pretrained: Optional[dict] = None, device_type: str = "cpu", native_bf16: bool = False) -> Resolved:
+    """The run's settings from its config and the facts of this run: the data's channels and batches per epoch
+    (per process), the process count, the drawn seed (used when --seed is none), the pretrained UNet's config (its
+    shape replaces the model fields) and the device. count_parameters(model, image_size, channels) counts a UNet's
+    parameters, for the learning rate. Facts not known yet (--dry_run) leave what depends on them unresolved."""
+    cfg = copy.deepcopy(cfg)
+    t, d = cfg.training, cfg.data
+    if d.random_flip is None:  # mirrored letters or digits are wrong samples; CIFAR-10's objects are not
+        d.random_flip = t.dataset_name == "cifar10"
+    if t.seed is None:
+        t.seed = seed
+    channels = channels or (3 if d.num_channels == "auto" else int(d.num_channels))
+    if pretrained is not None:
+        if pretrained["sample_size"] != t.image_size or pretrained["in_channels"] != channels:
+            raise UserError(f"the pretrained model makes {pretrained['in_channels']}-channel "
+                            f"{pretrained['sample_size']}px images but the data is {channels}-channel {t.image_size}px; "
+                            f"set --image_size {pretrained['sample_size']} or pick a matching model")
+        for f in dataclasses.fields(ModelConfig):
+            value = pretrained[f.name]
+            setattr(cfg.model, f.name, tuple(value) if isinstance(value, list) else value)
+    num_parameters = count_parameters(cfg.model, t.image_size, channels)
+    steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps) if batches_per_epoch else None
+    total_steps = t.max_train_steps or (t.num_epochs * steps_per_epoch if steps_per_epoch else None)
+    chosen = {}
+    if t.learning_rate == "auto":
+        t.learning_rate = chosen["learning_rate"] = auto_learning_rate(num_parameters)
+    if t.lr_warmup_steps == "auto" and total_steps is not None:
+        t.lr_warmup_steps = chosen["lr_warmup_steps"] = auto_warmup_steps(total_steps)
+    precision, precision_notice = resolve_precision(t.mixed_precision, device_type, native_bf16)
+    compile_unet, compile_notice = resolve_compile(t.compile, device_type)
+    return Resolved(cfg, channels, num_processes, num_parameters, steps_per_epoch, total_steps, precision,
+                    compile_unet, chosen, tuple(filter(None, (precision_notice, compile_notice))))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Provenance: what config.json, manifests and metrics files record beside the settings
+# ---------------------------------------------------------------------------------------------------
+
+
+def library_versions(*extra: str) -> dict[str, str]:
+    """Versions of Python and the libraries that make the numbers, plus the `extra` packages named."""
+    from importlib.metadata import version
+
+    import torch  # its own version string names the build (+cu130, +cpu)
+
+    names = ("torchvision", "diffusers", "accelerate", *extra)
+    return {"torch": torch.__version__, **{name: version(name) for name in names}, "python": sys.version.split()[0]}
+
+
+def config_record(cfg: Config, **facts) -> dict:
+    """What config.json holds: the resolved config, then provenance (keys with _ are ignored by --config)."""
+    return {**dataclasses.asdict(cfg), "_provenance": {"versions": library_versions(), "argv": sys.argv, **facts}}
 
 
 # The defaults. Edit these lines to change them; command-line flags override them.

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from tqdm.auto import tqdm
 
-from config import Config, UserError
+from config import DataConfig, UserError
+from files import atomic_file, write_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CACHE_FORMAT = 2  # bump when the way images are decoded or resized changes, so old caches are rebuilt
@@ -325,9 +326,8 @@ def _split_error(split: str, where: str, splits) -> UserError:
     return UserError(f"--dataset_split {split}: {where} has no such split; its splits: {splits}")
 
 
-def _load_hf_split(cfg: Config, kind: str, datasets):
+def _load_hf_split(name: str, data: DataConfig, kind: str, datasets):
     """The split asked for, loaded as the datasets library loads it (memory-mapped Arrow)."""
-    name, data = cfg.training.dataset_name, cfg.data
     split = data.dataset_split
     if kind == "disk":
         if data.dataset_config_name:
@@ -383,10 +383,9 @@ def _image_column(ds, wanted: Optional[str], where: str, datasets) -> tuple[str,
                         f"{columns}") from None
 
 
-def _hf_source(cfg: Config, kind: str) -> Source:
+def _hf_source(name: str, data: DataConfig, kind: str) -> Source:
     datasets = _import_datasets()
-    ds = _load_hf_split(cfg, kind, datasets)
-    name, data = cfg.training.dataset_name, cfg.data
+    ds = _load_hf_split(name, data, kind, datasets)
     if kind == "parquet":
         where, identity = f"parquet files {data.dataset_path}", str(Path(data.dataset_path).expanduser().absolute())
     elif kind == "disk":
@@ -399,13 +398,25 @@ def _hf_source(cfg: Config, kind: str) -> Source:
                   column=column)
 
 
-def open_source(cfg: Config) -> Source:
-    kind = source_kind(cfg.training.dataset_name)
+def open_source(name: str, data: DataConfig) -> Source:
+    kind = source_kind(name)
     if kind == "custom":
-        return _custom_source(cfg.data.dataset_path)
+        return _custom_source(data.dataset_path)
     if kind in ("cifar10", "mnist"):
-        return _torchvision_source(kind, cfg.data.data_dir)
-    return _hf_source(cfg, kind)
+        return _torchvision_source(kind, data.data_dir)
+    return _hf_source(name, data, kind)
+
+
+def check_source(name: str, data: DataConfig) -> None:
+    """The mistakes in naming a dataset that can be caught before any work (nothing is read or downloaded)."""
+    kind = source_kind(name)
+    if kind in ("custom", "parquet") and not data.dataset_path:
+        what = "a folder or .zip of images" if kind == "custom" else "a .parquet file, a folder of them or a glob"
+        raise UserError(f"--dataset_name {kind} needs --dataset_path: {what}")
+    images = Path(data.dataset_path or "").expanduser()
+    if kind == "custom" and not (images.is_dir() or images.is_file() and zipfile.is_zipfile(images)):
+        raise UserError(f"dataset_path {data.dataset_path} is not a folder or a ZIP archive; pass --dataset_path "
+                        f"pointing at your images")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -433,11 +444,10 @@ def _first(batch):
 def build_cache(source: Source, image_size: int, channels: int, path: Path, workers: int, progress: bool) -> dict:
     """Decode every image once into a .npy file (written beside, then renamed into place)."""
     shape = (source.count, channels, image_size, image_size)
-    tmp = path.with_name(path.name + f".partial-{os.getpid()}")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
     loader = DataLoader(_Reader(source, image_size, channels), batch_size=1, num_workers=workers, collate_fn=_first)
     count, skipped = 0, []
-    try:
+    with atomic_file(path) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         for index, image in enumerate(tqdm(loader, desc=f"caching {source.label} at {image_size}px",
                                            unit="img", disable=not progress)):
             if image is None:
@@ -447,9 +457,6 @@ def build_cache(source: Source, image_size: int, channels: int, path: Path, work
             count += 1
         array.flush()
         del array
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"format": CACHE_FORMAT, "count": count, "skipped": skipped, "source": source.label, "channels": channels}
 
 
@@ -458,8 +465,9 @@ class ImageCache(Dataset):
     the operating system's pages of it, so the data is held once per machine, not once per process. `in_memory`
     (small enough to stay paged in) only means the loader needs no worker processes."""
 
-    def __init__(self, path: Path, count: int, in_memory: bool):
+    def __init__(self, path: Path, count: int, in_memory: bool, meta: Optional[dict] = None):
         self.path, self.count, self.in_memory = path, count, in_memory
+        self.meta = meta or {}  # what build_cache recorded: source, channels and why, skipped images
         self._images: Optional[np.ndarray] = None
 
     @property
@@ -467,6 +475,17 @@ class ImageCache(Dataset):
         if self._images is None:  # opened lazily, so each loader worker maps the file itself
             self._images = np.load(self.path, mmap_mode="r")[: self.count]
         return self._images
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    def describe(self, random_flip: bool) -> str:
+        """The run's `data:` line: source, count, size, channels and why, skipped images, flips."""
+        m, channels, size = self.meta, self.channels, self.images.shape[-1]
+        return (f"data: {m.get('source')}: {self.count} images at {size}px, {channels} channel"
+                f"{'s' if channels > 1 else ''} ({m.get('channels_reason')}), {len(m.get('skipped', []))} skipped; "
+                f"random flips {'on' if random_flip else 'off'}")
 
     def __getstate__(self):
         return {**self.__dict__, "_images": None}
@@ -500,14 +519,13 @@ def remove_stale_caches(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def load_dataset(cfg: Config, progress: bool = True) -> ImageCache:
-    """Open (building on first use) the uint8 cache of the configured dataset at cfg.training.image_size.
+def load_dataset(name: str, image_size: int, data: DataConfig, progress: bool = True) -> ImageCache:
+    """Open (building on first use) the uint8 cache of dataset `name` (--dataset_name) at image_size.
 
     In several processes call it on each machine's main process first (accelerator.local_main_process_first()).
     """
-    source = open_source(cfg)
-    size, requested = cfg.training.image_size, cfg.data.num_channels
-    path = cache_path(Path(cfg.data.data_dir).expanduser() / "cache", source, size, requested)
+    source = open_source(name, data)
+    path = cache_path(Path(data.data_dir).expanduser() / "cache", source, image_size, data.num_channels)
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -515,14 +533,12 @@ def load_dataset(cfg: Config, progress: bool = True) -> ImageCache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot write the dataset cache under --data_dir {cfg.data.data_dir} ({e.strerror}); "
+            raise UserError(f"cannot write the dataset cache under --data_dir {data.data_dir} ({e.strerror}); "
                             f"pass a writable --data_dir") from None
-        channels, why = source.choose_channels(requested)
+        channels, why = source.choose_channels(data.num_channels)
         workers = min(4, os.cpu_count() or 1) if source.pixels is None else 0  # files to decode: in parallel
-        meta = {**build_cache(source, size, channels, path, workers, progress), "channels_reason": why}
-        tmp = meta_path.with_name(f"{meta_path.name}.partial-{os.getpid()}")  # processes never share a temp file
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, meta_path)
+        meta = {**build_cache(source, image_size, channels, path, workers, progress), "channels_reason": why}
+        write_json(meta_path, meta)
         remove_stale_caches(path)
     if meta["skipped"] and progress:
         skipped = meta["skipped"]
@@ -531,14 +547,9 @@ def load_dataset(cfg: Config, progress: bool = True) -> ImageCache:
               f"(truncated or not images): {names}")
     if meta["count"] == 0:
         raise UserError(f"none of the {source.count} images in {source.label} could be read; check the files")
-    channels = meta["channels"]
-    if progress:
-        print(f"data: {source.label}: {meta['count']} images at {size}px, {channels} channel"
-              f"{'s' if channels > 1 else ''} ({meta['channels_reason']}), {len(meta['skipped'])} skipped; random flips "
-              f"{'on' if cfg.data.random_flip else 'off'}")
-    nbytes = meta["count"] * channels * size * size
+    nbytes = meta["count"] * meta["channels"] * image_size * image_size
     in_memory = nbytes <= psutil.virtual_memory().total // 4
-    return ImageCache(path, meta["count"], in_memory)
+    return ImageCache(path, meta["count"], in_memory, meta)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -572,12 +583,19 @@ def _as_batch(batch: torch.Tensor) -> torch.Tensor:
     return batch  # ImageCache.__getitems__ already returns the stacked batch
 
 
+def batches_per_epoch(count: int, batch_size: int, num_processes: int) -> int:
+    """Full batches each process loads in one pass over `count` images (see EpochShuffle)."""
+    global_batch = batch_size * num_processes
+    if count < global_batch:
+        raise UserError(f"the dataset has {count} images, fewer than one batch of train_batch_size x "
+                        f"processes = {global_batch}; lower --train_batch_size or add images")
+    return count // global_batch
+
+
 def make_dataloader(dataset: ImageCache, batch_size: int, num_processes: int, seed: int, workers: int,
                     pin_memory: bool) -> tuple[DataLoader, EpochShuffle]:
+    batches_per_epoch(len(dataset), batch_size, num_processes)  # at least one batch on every process
     global_batch = batch_size * num_processes
-    if len(dataset) < global_batch:
-        raise UserError(f"the dataset has {len(dataset)} images, fewer than one batch of train_batch_size x "
-                        f"processes = {global_batch}; lower --train_batch_size or add images")
     if workers < 0:
         workers = 0 if dataset.in_memory else min(4, os.cpu_count() or 1)
     sampler = EpochShuffle(len(dataset), seed, global_batch)

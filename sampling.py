@@ -1,4 +1,5 @@
-"""Sampling and image writing, shared by the training previews and inference.py.
+"""Sampling and image writing: the samplers, the seed-addressed sampling loop, and the pictures and files it makes,
+shared by the training previews, inference.py and evaluate.py.
 
 An image is addressed by its seed: its initial noise and every noise draw of a stochastic sampler come
 from a CPU generator of its own, so image i depends on (model, sampler, steps, seed) and not on the batch
@@ -7,12 +8,11 @@ it was drawn in, the batch size or the device.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import imageio.v3 as iio
 import torch
@@ -28,6 +28,8 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
+
+from files import atomic_file, write_json
 
 # name -> (scheduler class, settings over the trained DDPM config). Each of these is correct in the loop
 # of sample_images: it calls scale_model_input and init_noise_sigma (Euler, Heun) and passes the per-image
@@ -46,10 +48,19 @@ SAMPLER_CLASSES: dict[str, tuple[type[SchedulerMixin], dict]] = {
 }
 
 
+FEW_STEP_DEFAULT = 50  # denoising steps of every sampler but ddpm when none are asked for
+
+
 def make_sampler(name: str, trained_scheduler_config) -> SchedulerMixin:
     """A sampler built from the noise schedule the model was trained with."""
     cls, settings = SAMPLER_CLASSES[name]
     return cls.from_config(trained_scheduler_config, **settings)
+
+
+def default_steps(name: str, num_train_timesteps: int) -> int:
+    """The denoising steps of a sampler when none are asked for: DDPM's ancestral sampler needs every training
+    timestep; the others are made for few steps."""
+    return num_train_timesteps if name == "ddpm" else min(FEW_STEP_DEFAULT, num_train_timesteps)
 
 
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -141,10 +152,32 @@ def generate(unet, sampler: SchedulerMixin, seeds: list[int], num_inference_step
 
 
 def process_state():
-    """This process among those accelerate launch or torchrun started (alone when run plainly), on its device."""
+    """This process among those accelerate launch or torchrun started (alone when run plainly), on its device: a
+    GPU when there is one, else the CPU (accelerate must be told, or torchrun's CPU processes each run alone)."""
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available())
+
+
+def sampling_dtype(requested: str, device: torch.device, quiet: bool = False) -> torch.dtype:
+    """The UNet's dtype for sampling on this device: auto is fp16 on a GPU and fp32 on the CPU."""
+    if requested == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if requested in ("fp16", "bf16") and device.type != "cuda":
+        if not quiet:
+            print(f"notice: --dtype {requested} needs a GPU; sampling in fp32 on the CPU")
+        return torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[requested]
+
+
+def prepare_unet(unet, device: torch.device, dtype: torch.dtype, compile_unet: bool = False):
+    """The UNet on the device, in eval mode and dtype, channels_last on a GPU, compiled if asked (GPU only)."""
+    unet = unet.to(device=device, dtype=dtype).eval()
+    if device.type == "cuda":
+        unet = unet.to(memory_format=torch.channels_last)
+        if compile_unet:
+            unet = torch.compile(unet)
+    return unet
 
 
 def shard(seeds: list[int], state) -> list[int]:
@@ -166,20 +199,8 @@ def gather_by_seed(state, seeds: list[int], rows: torch.Tensor) -> tuple[list[in
 
 
 # ---------------------------------------------------------------------------------------------------
-# Writing images: each file appears whole or not at all.
+# Writing images: each file appears whole or not at all (files.atomic_file).
 # ---------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # Pictures for people (grids, the interpolation strip and GIF) are scaled up; per-image PNGs stay native: they are data.
@@ -216,13 +237,13 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: Optional[i
     columns = min(grid_columns(len(images), columns), len(images))  # as make_grid lays them out
     cells_across = max(columns, math.ceil(len(images) / columns))
     grid = image_grid(for_display(to_uint8(images), display_size, cells_across), columns)  # uint8: 4x less memory
-    with atomic_write(path) as tmp:  # make_grid repeats a single channel three times; keep greyscale grey
+    with atomic_file(path) as tmp:  # make_grid repeats a single channel three times; keep greyscale grey
         iio.imwrite(tmp, to_hwc(grid[: images.shape[1]]), extension=".png")
 
 
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
     """One [C,H,W] image in [0, 1] as an RGB PNG, or a greyscale one for a 1-channel model."""
-    with atomic_write(path) as tmp:
+    with atomic_file(path) as tmp:
         iio.imwrite(tmp, to_hwc(to_uint8(image)), extension=".png")
 
 
@@ -240,10 +261,55 @@ def to_hwc(image: torch.Tensor):
 def save_gif(frames: torch.Tensor, path: str | os.PathLike, fps: float, *, display_size: int) -> None:
     """An endlessly looping GIF of [N,C,H,W] frames in [0, 1], each shown at least display_size px."""
     frames = for_display(to_uint8(frames), display_size)
-    with atomic_write(path) as tmp:
+    with atomic_file(path) as tmp:
         iio.imwrite(tmp, [to_hwc(f) for f in frames], extension=".gif", duration=1000.0 / fps, loop=0)
 
 
 def image_grid(images: torch.Tensor, columns: Optional[int] = None) -> torch.Tensor:
     """The grid as one [C,H,W] tensor, at the images' own size (TensorBoard logs it so)."""
     return make_grid(images, nrow=grid_columns(len(images), columns), padding=GRID_PADDING)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What inference.py writes: images by seed, interpolation frames, and the manifest that redoes them
+# ---------------------------------------------------------------------------------------------------
+
+
+def save_images_by_seed(out: Path, images: torch.Tensor, seeds: list[int], columns: Optional[int],
+                        display_size: int) -> list[dict]:
+    """seed{N}.png for each image (native size: data) and grid.png (scaled for display); the manifest's entries."""
+    files = []
+    for seed, image in zip(seeds, images):
+        name = f"seed{seed:06d}.png"
+        save_png(image, out / name)
+        files.append({"file": name, "seed": seed})
+    save_grid(images, out / "grid.png", columns, display_size=display_size)
+    return files
+
+
+def interpolation_noise(shape: tuple[int, int, int], start_seed: int, end_seed: int, frames: int):
+    """The slerp between the initial noise of two seeds, `frames` points ends included, and the frames' generators:
+    stochastic samplers (ddpm, euler_a, ddim with eta > 0) share start_seed's step noise across frames."""
+    start, end = initial_noise(seeded_generators([start_seed, end_seed]), shape)
+    fractions = [k / (frames - 1) for k in range(frames)]
+    noise = torch.stack([slerp(start, end, f) for f in fractions])
+    return noise, seeded_generators([start_seed] * frames), fractions
+
+
+def save_interpolation(out: Path, frames: torch.Tensor, fractions: list[float], start_seed: int, end_seed: int,
+                       fps: float, display_size: int) -> list[dict]:
+    """frame_{k}.png (native size), interpolation_strip.png and a looping interpolation.gif (scaled for display);
+    the manifest's entries."""
+    files = []
+    for k, (fraction, frame) in enumerate(zip(fractions, frames)):
+        name = f"frame_{k:03d}.png"
+        save_png(frame, out / name)
+        files.append({"file": name, "t": fraction, "start_seed": start_seed, "end_seed": end_seed})
+    save_grid(frames, out / "interpolation_strip.png", columns=len(frames), display_size=display_size)
+    save_gif(frames, out / "interpolation.gif", fps, display_size=display_size)
+    return files
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """manifest.json: how every file was made (model, sampler, steps, seeds), enough to make it again."""
+    write_json(out / "manifest.json", manifest)

@@ -21,7 +21,6 @@ import signal
 import sys
 import time
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -29,23 +28,23 @@ import torch
 import torch.nn.functional as F
 
 import config as config_module
-from config import Config, DataConfig, ModelConfig, SchedulerConfig, TrainingConfig, UserError
-from checkpoint import (CHECKPOINT_NAME, Progress, ema_weights, find_checkpoint, load_checkpoint, read_json,
-                        register_wrapper_free_weights, save_checkpoint, save_pipeline, saved_layout,
-                        strip_wrapper_prefixes, write_json)
-from dataset import load_dataset, make_dataloader, source_kind, to_model_input
-from evaluate import TrainingEvaluator, validate_training as validate_evaluation
+from config import TRAINING_SECTIONS, Config, Resolved, TrainingConfig, UserError
+from checkpoint import (CHECKPOINT_NAME, Progress, ema_weights, find_checkpoint, load_checkpoint,
+                        register_wrapper_free_weights, save_checkpoint, saved_layout)
+from dataset import batches_per_epoch, check_source, load_dataset, make_dataloader, to_model_input
+from files import atomic_folder, read_json, write_json
+from model import build_noise_scheduler, build_unet, count_parameters, load_model, save_model
 
 RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png", "best_model")
-EXIT_USER_ERROR, EXIT_NONFINITE = 2, 3
+EXIT_NONFINITE = 3
 LONG_CPU_RUN_S = 3600  # a CPU run estimated to take longer gets a hint towards a small preset
+TRAINING_EVAL_BATCH = 128  # images per sampling pass of the evaluation during training (halved on out-of-memory)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------
 
-SECTIONS = (TrainingConfig, DataConfig, ModelConfig, SchedulerConfig)
 EXTRA_FLAGS = (("--dry_run", dict(action="store_true", help="print the resolved config as JSON and stop")),)
 
 
@@ -56,193 +55,32 @@ def default_values() -> dict[str, object]:
 
 
 def parse_config(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
-    """The resolved config. When resuming, the checkpoint's config is the base that flags override."""
+    """The config as asked for (checked, not yet resolved). When resuming, the checkpoint's config is the base that
+    flags override."""
     defaults = default_values()
-    prog, doc = "train_ddpm.py", __doc__
-    values, options = config_module.parse_cli(argv, prog, doc, defaults, SECTIONS, config_module.PRESETS, EXTRA_FLAGS)
+    prog, doc, sections = "train_ddpm.py", __doc__, TRAINING_SECTIONS
+    values, options = config_module.parse_cli(argv, prog, doc, defaults, sections, config_module.PRESETS, EXTRA_FLAGS)
     cfg = config_module.build(Config, values)
     if cfg.training.resume_from_checkpoint:
         checkpoint = find_checkpoint(cfg.training.output_dir, cfg.training.resume_from_checkpoint)
-        base = {**defaults, **config_module.read_config_file(checkpoint / "config.json", SECTIONS)}
-        values, options = config_module.parse_cli(argv, prog, doc, base, SECTIONS, config_module.PRESETS, EXTRA_FLAGS)
-        refuse_changes_on_resume(base, values)
+        base = {**defaults, **config_module.read_config_file(checkpoint / "config.json", sections)}
+        values, options = config_module.parse_cli(argv, prog, doc, base, sections, config_module.PRESETS, EXTRA_FLAGS)
+        config_module.refuse_changes_on_resume(base, values)
         cfg = config_module.build(Config, values)
-        cfg.training.resume_from_checkpoint = str(checkpoint)  # "latest" resolved once, and recorded as a path
-    if cfg.data.random_flip is None:  # mirrored letters or digits are wrong samples; CIFAR-10's objects are not
-        cfg.data.random_flip = cfg.training.dataset_name == "cifar10"
-    validate(cfg)
+        cfg.training.resume_from_checkpoint = str(checkpoint)  # "latest" found once, and recorded as a path
+    config_module.validate_training(cfg)
+    check_source(cfg.training.dataset_name, cfg.data)
     return cfg, getattr(options, "dry_run", False)
 
 
-# What a checkpoint's weights and optimizer were built for: a resumed run keeps them (other flags take effect).
-FIXED_ON_RESUME = (*(f.name for f in dataclasses.fields(ModelConfig)), "image_size", "num_channels", "use_ema",
-                   "pretrained_model_path", "freeze_down_blocks", "lr_scheduler", "lr_warmup_steps")
-
-
-def refuse_changes_on_resume(saved: dict[str, object], wanted: dict[str, object]) -> None:
-    changed = [name for name in FIXED_ON_RESUME if wanted[name] != saved[name]]
-    if changed:
-        name = changed[0]
-        shown = " ".join(map(str, saved[name])) if isinstance(saved[name], tuple) else saved[name]
-        raise UserError(f"--{name} cannot change when resuming (the checkpoint has {shown}); leave it out, or start a "
-                        f"new run from this checkpoint's weights with --pretrained_model_path")
-
-
-def validate(cfg: Config) -> None:
-    """Catch the user's mistakes before any work is done."""
-    t, m, s = cfg.training, cfg.model, cfg.scheduler
-    at_least_one = dict(image_size=t.image_size, train_batch_size=t.train_batch_size, num_epochs=t.num_epochs,
-                        gradient_accumulation_steps=t.gradient_accumulation_steps, logging_steps=t.logging_steps,
-                        save_image_epochs=t.save_image_epochs, save_model_epochs=t.save_model_epochs,
-                        num_preview_images=t.num_preview_images, layers_per_block=m.layers_per_block,
-                        sample_num_inference_steps=t.sample_num_inference_steps, norm_num_groups=m.norm_num_groups,
-                        num_train_timesteps=s.num_train_timesteps, max_nonfinite_steps=t.max_nonfinite_steps,
-                        max_train_steps=t.max_train_steps, checkpointing_steps=t.checkpointing_steps,
-                        checkpoints_total_limit=t.checkpoints_total_limit, attention_head_dim=m.attention_head_dim)
-    for name, value in at_least_one.items():
-        if value is not None and value < 1:
-            optional = config_module.flags_of(*SECTIONS)[name].optional
-            raise UserError(f"--{name} must be at least 1{' (or none)' if optional else ''}, got {value}")
-    positive = dict(learning_rate=t.learning_rate, adam_epsilon=t.adam_epsilon, beta_start=s.beta_start,
-                    snr_gamma=t.snr_gamma, ema_inv_gamma=t.ema_inv_gamma)
-    for name, value in positive.items():
-        if value not in (None, "auto") and not value > 0:
-            raise UserError(f"--{name} must be positive, got {value}")
-    in_range = dict(lr_warmup_steps=(t.lr_warmup_steps, 0, None), adam_weight_decay=(t.adam_weight_decay, 0, None),
-                    max_grad_norm=(t.max_grad_norm, 0, None), adam_beta1=(t.adam_beta1, 0, 1),
-                    adam_beta2=(t.adam_beta2, 0, 1), dropout=(m.dropout, 0, 1), ema_max_decay=(t.ema_max_decay, 0, 1),
-                    beta_end=(s.beta_end, s.beta_start, 1), display_size=(t.display_size, 0, None))
-    for name, (value, low, high) in in_range.items():  # low <= value < high
-        if value != "auto" and not (value >= low and (high is None or value < high)):
-            bounds = f"at least {low}" if high is None else f"in [{low}, {high})"
-            raise UserError(f"--{name} must be {bounds}, got {value}")
-    validate_evaluation(t)
-    if t.sample_num_inference_steps > s.num_train_timesteps:
-        raise UserError(f"--sample_num_inference_steps {t.sample_num_inference_steps} exceeds the "
-                        f"{s.num_train_timesteps} training timesteps; lower it")
-    if cfg.data.dataloader_num_workers < -1:
-        raise UserError(f"--dataloader_num_workers must be -1 (auto) or at least 0, got "
-                        f"{cfg.data.dataloader_num_workers}")
-    if t.freeze_down_blocks and not t.pretrained_model_path:
-        raise UserError("--freeze_down_blocks needs --pretrained_model_path (freezing untrained weights is pointless)")
-    kind = source_kind(t.dataset_name)
-    if kind in ("custom", "parquet") and not cfg.data.dataset_path:
-        what = "a folder or .zip of images" if kind == "custom" else "a .parquet file, a folder of them or a glob"
-        raise UserError(f"--dataset_name {kind} needs --dataset_path: {what}")
-    images = Path(cfg.data.dataset_path or "").expanduser()
-    if kind == "custom" and not (images.is_dir() or images.is_file() and zipfile.is_zipfile(images)):
-        raise UserError(f"dataset_path {cfg.data.dataset_path} is not a folder or a ZIP archive; pass --dataset_path "
-                        f"pointing at your images")
-    if t.pretrained_model_path and not t.resume_from_checkpoint:  # the pretrained model's architecture, checked later
-        return
-    levels = len(m.block_out_channels)
-    if not len(m.down_block_types) == len(m.up_block_types) == levels:
-        raise UserError(f"block_out_channels, down_block_types and up_block_types must have the same length, got "
-                        f"{levels}, {len(m.down_block_types)} and {len(m.up_block_types)}; give one of each per level")
-    if t.image_size % 2 ** (levels - 1):
-        raise UserError(f"--image_size {t.image_size} cannot be halved {levels - 1} times by a UNet of {levels} levels; "
-                        f"use a multiple of {2 ** (levels - 1)} or fewer --block_out_channels")
-    bad_groups = [c for c in m.block_out_channels if c % m.norm_num_groups]
-    if bad_groups:
-        raise UserError(f"--norm_num_groups {m.norm_num_groups} does not divide block_out_channels {bad_groups}; "
-                        f"use channels that are multiples of it or a smaller --norm_num_groups")
-
-
-README_UNET_PARAMETERS = 113_673_219  # the README's default UNet (config.py), whose learning rate is 1e-4
-
-
-def auto_learning_rate(num_parameters: int) -> float:
-    """1e-4 x (113.7M / parameters) ** 0.6: the original README's 1e-4 for its UNet, Ho et al.'s 2e-4 for their
-    35.7M CIFAR-10 UNet, and on the glyph benchmark's 1.0M UNet 1.7e-3, which beat the square root's 1.1e-3 at
-    1,000 steps (bench/RESULTS.md); two significant digits, at most 4e-3 (on a 0.25M UNet 4e-3 beat 2e-3 and 1e-3)."""
-    lr = 1e-4 * (README_UNET_PARAMETERS / num_parameters) ** 0.6
-    return float(f"{min(lr, 4e-3):.2g}")
-
-
-def auto_warmup_steps(total_steps: int) -> int:
-    """5% of the run, at most the 500 steps of diffusers' example: short runs do not waste their steps warming up."""
-    return max(1, min(500, round(0.05 * total_steps)))
-
-
-def resolve_auto(cfg: Config, num_parameters: int, total_steps: Optional[int]) -> None:
-    """Replace the "auto" settings by what they resolve to (config.json records the values used)."""
-    t = cfg.training
-    if t.learning_rate == "auto":
-        t.learning_rate = auto_learning_rate(num_parameters)
-    if t.lr_warmup_steps == "auto" and total_steps is not None:
-        t.lr_warmup_steps = auto_warmup_steps(total_steps)
-
-
-def count_parameters(cfg: Config) -> int:
-    """The UNet's parameter count, built on the meta device (no memory, no time)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_unet(cfg, 3).parameters())
-
-
-def library_versions() -> dict[str, str]:
-    import accelerate
-    import diffusers
-    import torchvision
-
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "diffusers": diffusers.__version__,
-            "accelerate": accelerate.__version__, "python": sys.version.split()[0]}
-
-
-def config_record(cfg: Config, **facts) -> dict:
-    """What config.json holds: the resolved config, then provenance (keys with _ are ignored by --config)."""
-    return {**dataclasses.asdict(cfg), "_provenance": {"versions": library_versions(), "argv": sys.argv, **facts}}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Model and noise schedule
-# ---------------------------------------------------------------------------------------------------
-
-
-def build_unet(cfg: Config, channels: int):
-    from diffusers import UNet2DModel
-
-    m = cfg.model
+def native_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes in bf16 natively (Ampere and newer); torch reports emulated support otherwise."""
+    if device.type != "cuda":
+        return False
     try:
-        return UNet2DModel(sample_size=cfg.training.image_size, in_channels=channels, out_channels=channels,
-                           layers_per_block=m.layers_per_block, block_out_channels=m.block_out_channels,
-                           down_block_types=m.down_block_types, up_block_types=m.up_block_types,
-                           attention_head_dim=m.attention_head_dim, norm_num_groups=m.norm_num_groups,
-                           dropout=m.dropout)
-    except ValueError as e:  # diffusers names the unknown block type
-        raise UserError(f"{e}; use block types such as DownBlock2D, AttnDownBlock2D / UpBlock2D, AttnUpBlock2D") from None
-
-
-def build_noise_scheduler(cfg: Config):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(**dataclasses.asdict(cfg.scheduler))
-
-
-def load_pretrained(cfg: Config, channels: int):
-    """The UNet of a final_model/ (pipeline) or checkpoint folder, checked against the data."""
-    from diffusers import UNet2DModel
-    from safetensors.torch import load_file
-
-    path = Path(cfg.training.pretrained_model_path).expanduser()
-    if (path / "unet" / "config.json").exists():
-        unet = UNet2DModel.from_pretrained(path / "unet")
-    elif (path / "model.safetensors").exists() and (path / "config.json").exists():
-        saved = config_module.build(Config, {**default_values(),
-                                             **config_module.read_config_file(path / "config.json", SECTIONS)})
-        unet = build_unet(saved, read_json(path / "config.json")["_provenance"]["channels"])
-        # A checkpoint without unet/ (older versions): its training weights, stored under DDP's names by 2 processes.
-        unet.load_state_dict(strip_wrapper_prefixes(load_file(path / "model.safetensors")))
-    else:
-        raise UserError(f"--pretrained_model_path {path} is neither a final_model/ folder nor a checkpoint folder")
-    if unet.config.sample_size != cfg.training.image_size or unet.config.in_channels != channels:
-        raise UserError(f"the pretrained model makes {unet.config.in_channels}-channel {unet.config.sample_size}px "
-                        f"images but the data is {channels}-channel {cfg.training.image_size}px; set --image_size "
-                        f"{unet.config.sample_size} or pick a matching model")
-    for name in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
-                 "attention_head_dim", "norm_num_groups", "dropout"):
-        value = unet.config[name]
-        setattr(cfg.model, name, tuple(value) if isinstance(value, list) else value)
-    return unet
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch has no such argument and reports native support only
+        return torch.cuda.is_bf16_supported()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -294,17 +132,16 @@ class TrainingParts:
     loss_weights: Optional[torch.Tensor] = None  # per timestep (min-SNR-gamma), on the device; None: plain MSE
 
 
-def build_training(cfg: Config, accelerator, channels: int, total_steps: int) -> TrainingParts:
-    """Model (new or pretrained), AdamW, LR schedule and EMA, prepared and registered for checkpoints."""
+def build_training(run: Resolved, accelerator, pretrained=None) -> TrainingParts:
+    """Model (new, or the pretrained UNet given), AdamW, LR schedule and EMA, prepared and registered for
+    checkpoints."""
     from accelerate.utils import set_seed
     from diffusers.training_utils import EMAModel
 
-    t = cfg.training
+    cfg, t = run.cfg, run.cfg.training
     set_seed(t.seed)  # the initial weights
-    # A resumed fine-tune gets its weights from the checkpoint; its config holds the pretrained architecture.
-    fine_tune = t.pretrained_model_path and not t.resume_from_checkpoint
-    model = load_pretrained(cfg, channels) if fine_tune else build_unet(cfg, channels)
-    resolve_auto(cfg, sum(p.numel() for p in model.parameters()), total_steps)
+    model = pretrained if pretrained is not None else build_unet(cfg.model, t.image_size, run.channels)
+    model.train()  # from_pretrained leaves a model in eval mode: dropout would be off
     if t.freeze_down_blocks:
         model.conv_in.requires_grad_(False)
         model.down_blocks.requires_grad_(False)
@@ -320,7 +157,7 @@ def build_training(cfg: Config, accelerator, channels: int, total_steps: int) ->
     # Never prepared nor checkpointed: a pure function of the applied optimizer steps (LRCurve), stepped by
     # train_step once per applied step whatever the accumulation or process count; resume sets its position.
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, LRCurve(t.lr_scheduler, [0, t.lr_warmup_steps, 1.0,
-                                                                                        total_steps]))
+                                                                                        run.total_steps]))
     model, optimizer = accelerator.prepare(model, optimizer)
     register_wrapper_free_weights(accelerator)
     unet = accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -330,7 +167,7 @@ def build_training(cfg: Config, accelerator, channels: int, total_steps: int) ->
                        power=t.ema_power, foreach=True)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    noise_scheduler = build_noise_scheduler(cfg)
+    noise_scheduler = build_noise_scheduler(cfg.scheduler)
     return TrainingParts(model, unet, optimizer, fused, lr_schedule, ema, noise_scheduler, list(unet.parameters()),
                          min_snr_weights(noise_scheduler, cfg, accelerator.device))
 
@@ -531,13 +368,8 @@ def draw_previews(accelerator, unet, ema, cfg: Config, noise_scheduler, path: Pa
 def save_final_model(accelerator, unet, ema, noise_scheduler, out: Path, record: dict) -> None:
     """final_model/: a DDPMPipeline with the EMA weights (DDPMPipeline.from_pretrained loads it)."""
     if accelerator.is_main_process:
-        tmp, final = out / "final_model.partial", out / "final_model"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_pipeline(tmp, unet, ema, noise_scheduler)
-        write_json(tmp / "config.json", record)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_folder(out / "final_model") as tmp, ema_weights(ema, unet):
+            save_model(tmp, unet, noise_scheduler, record)
     accelerator.wait_for_everyone()
 
 
@@ -559,82 +391,63 @@ def warn_if_long_on_cpu(device: torch.device, steps_left: int, seconds_per_step:
                f"look on a CPU try: python train_ddpm.py --model_preset quickstart")
 
 
-def resolve_precision(requested: str, device: torch.device) -> tuple[str, Optional[str]]:
-    """The precision accelerate runs with, and a notice when it differs from what was asked."""
-    if device.type == "cuda":
-        # Pre-Ampere GPUs only emulate bf16 (slowly); accelerate refuses GPUs without it with a traceback.
-        try:
-            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # older torch has no such argument and reports native support only
-            native_bf16 = torch.cuda.is_bf16_supported()
-        if requested == "auto":
-            return ("bf16" if native_bf16 else "fp16"), None
-        if requested == "bf16" and not native_bf16:
-            return "fp16", ("notice: mixed_precision bf16 needs an Ampere or newer GPU; training in fp16 "
-                            "(--mixed_precision no for fp32)")
-        return requested, None
-    if requested == "fp16":
-        return "no", f"notice: mixed_precision fp16 needs a GPU; training in fp32 on {device.type}"
-    return ("no" if requested == "auto" else requested), None
-
-
-def resolve_compile(requested: bool, device: torch.device) -> tuple[bool, Optional[str]]:
-    """Whether to torch.compile the UNet, and a notice when --compile is dropped: it pays off on CUDA GPUs only."""
-    if requested and device.type != "cuda":
-        return False, f"notice: --compile needs a CUDA GPU; training uncompiled on {device.type}"
-    return requested, None
-
-
 # ---------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------
 
 
-def start_processes(t: TrainingConfig):
-    """Stage 1: the Accelerator (processes, device, precision, compile), the seed and the output folder's place."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+def start_processes():
+    """Stage 1: this process among the run's (accelerate launch, torchrun: one per GPU, or CPU processes), on its
+    device, and a seed drawn for all of them (used when --seed is none)."""
+    from accelerate.utils import broadcast_object_list
 
-    # Without a GPU, accelerate must be told it is on CPUs, or torchrun's processes each run alone.
-    on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    device = PartialState(cpu=on_cpu).device
-    precision, notice = resolve_precision(t.mixed_precision, device)
-    compile_unet, compile_notice = resolve_compile(t.compile, device)
-    if device.type == "cuda":
+    from sampling import process_state
+
+    state = process_state()
+    if state.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    out = Path(t.output_dir).expanduser()
-    accelerator = Accelerator(
-        cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
-        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        step_scheduler_with_optimizer=False, dynamo_backend="inductor" if compile_unet else "no")
-    for line in filter(None, (notice, compile_notice)):
-        if accelerator.is_main_process:
-            print(line)
-    if t.seed is None:
-        t.seed = broadcast_object_list([secrets.randbits(31)])[0]
-    return accelerator, precision
+    return state, broadcast_object_list([secrets.randbits(31)])[0]
 
 
-def load_data(cfg: Config, accelerator):
-    """Stage 2: the dataset, downloaded and cached once per machine (its local main process first, the others
-    then open the same cache file), and this process's loader."""
-    with accelerator.local_main_process_first():
-        dataset = load_dataset(cfg, progress=accelerator.is_local_main_process)
-    if accelerator.is_main_process:
-        prepare_output_dir(cfg)
-    accelerator.wait_for_everyone()
+def load_inputs(cfg: Config, state):
+    """Stage 2: everything the run reads, and that can fail, before anything is written: the dataset (downloaded
+    and cached once per machine: its local main process first, the others then open the same cache file), the
+    pretrained UNet of a fine-tune, and for --eval_epochs the Inception weights and the reference statistics."""
     t = cfg.training
-    loader, order = make_dataloader(dataset, t.train_batch_size, accelerator.num_processes, t.seed,
-                                    cfg.data.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
-    return dataset, accelerator.prepare(loader), order
+    with state.local_main_process_first():
+        dataset = load_dataset(t.dataset_name, t.image_size, cfg.data, progress=state.is_local_main_process)
+    # A resumed fine-tune gets its weights from the checkpoint; its config holds the pretrained architecture.
+    pretrained = None
+    if t.pretrained_model_path and not t.resume_from_checkpoint:
+        pretrained = load_model(t.pretrained_model_path, flag="--pretrained_model_path").unet
+    evaluation = Evaluation(cfg, state, dataset) if t.eval_epochs else None
+    return dataset, pretrained, evaluation
 
 
-def resume(accelerator, parts: TrainingParts, cfg: Config, checkpoint: Path, total_steps: int,
-           steps_per_epoch: int) -> Progress:
-    """Stage 4: the checkpoint's training state, with this run's settings applied over it. A changed data layout
+def start_accelerator(run: Resolved, state, dataset):
+    """Stage 4: the Accelerator (precision, accumulation, compile, TensorBoard) and this process's share of the
+    data."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    t, out = run.cfg.training, Path(run.cfg.training.output_dir).expanduser()
+    accelerator = Accelerator(
+        cpu=state.device.type == "cpu", mixed_precision=run.precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        step_scheduler_with_optimizer=False, dynamo_backend="inductor" if run.compile else "no")
+    loader, order = make_dataloader(dataset, t.train_batch_size, run.num_processes, t.seed,
+                                    run.cfg.data.dataloader_num_workers, pin_memory=state.device.type == "cuda")
+    loader = accelerator.prepare(loader)
+    assert math.ceil(len(loader) / t.gradient_accumulation_steps) == run.steps_per_epoch
+    return accelerator, loader, order
+
+
+def resume(accelerator, parts: TrainingParts, run: Resolved, checkpoint: Path) -> Progress:
+    """Stage 5: the checkpoint's training state, with this run's settings applied over it. A changed data layout
     (processes, batch size, accumulation) cannot continue mid-epoch, so it starts at the next epoch."""
-    t, main = cfg.training, accelerator.is_main_process
+    cfg, t, main = run.cfg, run.cfg.training, accelerator.is_main_process
     progress = load_checkpoint(accelerator, checkpoint, parts.ema)
     apply_settings_after_load(parts, cfg)
     notices = [f"resumed from {checkpoint} at step {progress.global_step} (epoch {progress.epoch + 1}, batch "
@@ -655,8 +468,8 @@ def resume(accelerator, parts: TrainingParts, cfg: Config, checkpoint: Path, tot
         curve.segment = list(progress.lr_segment)
     else:  # a checkpoint older than lr_segment: its run's one curve, which ended where that run was to end
         saved_run = read_json(checkpoint / "config.json")["training"]
-        curve.segment[3] = saved_run["max_train_steps"] or saved_run["num_epochs"] * steps_per_epoch
-    notices.append(curve.extend(progress.applied_steps, total_steps, t.lr_warmup_steps))
+        curve.segment[3] = saved_run["max_train_steps"] or saved_run["num_epochs"] * run.steps_per_epoch
+    notices.append(curve.extend(progress.applied_steps, run.total_steps, t.lr_warmup_steps))
     set_lr_position(parts.lr_schedule, progress.applied_steps)
     for line in filter(None, notices):
         if main:
@@ -664,11 +477,15 @@ def resume(accelerator, parts: TrainingParts, cfg: Config, checkpoint: Path, tot
     return progress
 
 
-def start_logging(accelerator, cfg: Config, record: dict, progress: Progress, dataset, parts: TrainingParts):
-    """Stage 5: config.json, TensorBoard (config, and for a new run the training images and the model graph)."""
+def start_outputs(accelerator, run: Resolved, record: dict, progress: Progress, dataset, parts: TrainingParts):
+    """Stage 6, once everything has loaded: the output folder (a previous run's outputs cleared when
+    --overwrite_output_dir asks), config.json, TensorBoard (config, and for a new run the training images and the
+    model graph)."""
     from sampling import save_grid
 
-    t, out = cfg.training, Path(cfg.training.output_dir).expanduser()
+    cfg, t = run.cfg, run.cfg.training
+    out = prepare_output_dir(cfg) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
     write_json(out / "config.json", record)
@@ -689,41 +506,46 @@ def start_logging(accelerator, cfg: Config, record: dict, progress: Progress, da
 def train(cfg: Config) -> int:
     from tqdm.auto import tqdm
 
+    # --- 1. Processes and seed -----------------------------------------------------------------------
+    state, drawn_seed = start_processes()
+    main, device = state.is_main_process, state.device
+    # --- 2. Inputs: data, pretrained weights, Inception (nothing written yet) ------------------------
+    dataset, pretrained, evaluation = load_inputs(cfg, state)
+    # --- 3. The resolved config: every "auto" and derived value, once ---------------------------------
     t = cfg.training
-    out = Path(t.output_dir).expanduser()
-    # --- 1. Processes, precision, seed ---------------------------------------------------------------
-    accelerator, precision = start_processes(t)
-    main, device = accelerator.is_main_process, accelerator.device
-    # --- 2. Data -------------------------------------------------------------------------------------
-    dataset, loader, order = load_data(cfg, accelerator)
-    channels = dataset[0].shape[0]
-    # --- 3. Model, EMA, optimizer, LR schedule -------------------------------------------------------
-    steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
-    total_steps = t.max_train_steps or t.num_epochs * steps_per_epoch
-    automatic = [name for name in ("learning_rate", "lr_warmup_steps") if getattr(t, name) == "auto"]
-    parts = build_training(cfg, accelerator, channels, total_steps)
-    if automatic and main:
-        print("auto: " + ", ".join(f"{name} {getattr(t, name):g}" for name in automatic) +
-              f" (for {sum(p.numel() for p in parts.unet.parameters()) / 1e6:.1f}M parameters and {total_steps} "
-              f"steps; pass a value to override)")
+    run = config_module.resolve(
+        cfg, count_parameters, channels=dataset.channels, num_processes=state.num_processes, seed=drawn_seed,
+        batches_per_epoch=batches_per_epoch(len(dataset), t.train_batch_size, state.num_processes),
+        pretrained=pretrained.config if pretrained is not None else None, device_type=device.type,
+        native_bf16=native_bf16(device))
+    cfg, t, out, total_steps = run.cfg, run.cfg.training, Path(run.cfg.training.output_dir).expanduser(), run.total_steps
+    if main:
+        print("\n".join([*run.notices, dataset.describe(cfg.data.random_flip)]))
+        if run.chosen:
+            print("auto: " + ", ".join(f"{name} {value:g}" for name, value in run.chosen.items()) +
+                  f" (for {run.num_parameters / 1e6:.1f}M parameters and {total_steps} steps; pass a value to "
+                  f"override)")
+    # --- 4. Accelerator, loader, model, EMA, optimizer, LR schedule ----------------------------------
+    accelerator, loader, order = start_accelerator(run, state, dataset)
+    parts = build_training(run, accelerator, pretrained)
     unet, ema, noise_scheduler = parts.unet, parts.ema, parts.noise_scheduler
     pipeline = (unet, ema, noise_scheduler)
-    record = config_record(cfg, seed=t.seed, channels=channels, num_processes=accelerator.num_processes,
-                           mixed_precision=precision, device=str(device), dataset_images=len(dataset))
-    # --- 4. Resume -----------------------------------------------------------------------------------
+    record = config_module.config_record(cfg, seed=t.seed, channels=run.channels, num_processes=run.num_processes,
+                                         mixed_precision=run.precision, device=str(device),
+                                         dataset_images=len(dataset))
+    # --- 5. Resume -----------------------------------------------------------------------------------
     resumed_from = Path(t.resume_from_checkpoint) if t.resume_from_checkpoint else None  # found by parse_config
     progress = Progress()
     if resumed_from:
-        progress = resume(accelerator, parts, cfg, resumed_from, total_steps, steps_per_epoch)
-    # --- 5. Logging ----------------------------------------------------------------------------------
-    writer = start_logging(accelerator, cfg, record, progress, dataset, parts)
+        progress = resume(accelerator, parts, run, resumed_from)
+    # --- 6. Outputs and logging ----------------------------------------------------------------------
+    writer = start_outputs(accelerator, run, record, progress, dataset, parts)
     if main:
-        print(f"training on {len(dataset)} images, {accelerator.num_processes} process(es) on {device.type}, "
-              f"{precision_name(precision)}: {total_steps} optimizer steps of {t.train_batch_size} x "
-              f"{accelerator.num_processes} x {t.gradient_accumulation_steps} images; outputs in {out}")
-    evaluator = TrainingEvaluator(cfg, accelerator, dataset, out) if t.eval_epochs else None  # FID/KID (evaluate.py)
+        print(f"training on {len(dataset)} images, {run.num_processes} process(es) on {device.type}, "
+              f"{precision_name(run.precision)}: {total_steps} optimizer steps of {t.train_batch_size} x "
+              f"{run.num_processes} x {t.gradient_accumulation_steps} images; outputs in {out}")
 
-    # --- 6. The loop ---------------------------------------------------------------------------------
+    # --- 7. The loop ---------------------------------------------------------------------------------
     def save(name: str) -> Path:
         progress.skipped_steps = progress.global_step - parts.lr_schedule.last_epoch
         progress.lr_segment = parts.lr_schedule.lr_lambdas[0].segment
@@ -731,7 +553,6 @@ def train(cfg: Config) -> int:
 
     signals = StopSignal()
     window = LogWindow(accelerator)
-    images_per_step = t.train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
     estimated = False  # whether the time to the end was estimated yet (once, from the first logged steps)
     bar = tqdm(total=total_steps, initial=progress.global_step, desc="training", unit="step", disable=not main)
     stop_reason: Optional[str] = None
@@ -759,7 +580,7 @@ def train(cfg: Config) -> int:
                 if main and not estimated:
                     estimated = True
                     warn_if_long_on_cpu(device, total_steps - progress.global_step,
-                                        images_per_step / stats["img_per_s"])
+                                        run.images_per_step / stats["img_per_s"])
                 if stats["in_a_row"] >= t.max_nonfinite_steps:
                     stop_reason = "nonfinite"
                 elif stats["signal"]:
@@ -780,15 +601,15 @@ def train(cfg: Config) -> int:
             if epoch % t.save_image_epochs == 0:
                 draw_previews(accelerator, unet, ema, cfg, noise_scheduler, out / f"samples_epoch_{epoch}.png",
                               writer, "samples", progress.global_step)
-            if evaluator and epoch % t.eval_epochs == 0:
+            if evaluation and epoch % t.eval_epochs == 0:
                 with ema_weights(ema, unet):
-                    evaluator(unet, noise_scheduler, progress.global_step, record)
+                    evaluation(accelerator, unet, noise_scheduler, progress.global_step, record)
             if epoch % t.save_model_epochs == 0:
                 save(f"checkpoint-epoch-{epoch}")
                 saved_at = progress.global_step
     bar.close()
 
-    # --- 7. Final checkpoint, model and samples ------------------------------------------------------
+    # --- 8. Final checkpoint, model and samples ------------------------------------------------------
     if not stop_reason:
         if saved_at != progress.global_step:  # so that extending the run starts from its end
             save(f"checkpoint-step-{progress.global_step}")
@@ -801,6 +622,56 @@ def train(cfg: Config) -> int:
     if stop_reason == "nonfinite":
         return EXIT_NONFINITE
     return 128 + signals.signum if stop_reason == "signal" else 0
+
+
+class Evaluation:
+    """FID and KID of the EMA weights during training (--eval_epochs), against the training set (metrics.py);
+    keeps best_model/ by FID.
+
+    Built before anything is written, so that missing Inception weights stop the run before it trains; called with
+    the EMA weights swapped in. Every process generates its share of the images; the main process scores, logs
+    and saves."""
+
+    def __init__(self, cfg: Config, state, dataset):
+        from metrics import load_inception, reference_statistics
+
+        self.cfg, self.best_dir = cfg, Path(cfg.training.output_dir).expanduser() / "best_model"
+        main = state.is_main_process
+        with state.main_process_first():  # the weights download once
+            self.inception = load_inception(cfg.training.inception_weights, state.device, progress=main)
+            self.reference = reference_statistics(dataset, self.inception, state.device, main) if main else None
+        self.best_fid = math.inf
+        if (self.best_dir / "metrics.json").exists():  # a resumed run competes with its earlier best
+            self.best_fid = read_json(self.best_dir / "metrics.json")["fid"]
+
+    def __call__(self, accelerator, unet, noise_scheduler, step: int, record: dict) -> None:
+        from tqdm.auto import tqdm
+
+        from metrics import describe, generated_features, score
+        from sampling import make_sampler
+
+        t = self.cfg.training
+        sampler = make_sampler(t.sample_scheduler, noise_scheduler.config)
+        unet.eval()
+        with accelerator.autocast():
+            features, _, _ = generated_features(unet, sampler, list(range(t.eval_num_images)),
+                                                t.sample_num_inference_steps, TRAINING_EVAL_BATCH, unet.dtype, 0.0,
+                                                self.inception, accelerator, desc=f"evaluating at step {step}")
+        unet.train()
+        if accelerator.is_main_process:
+            result = score(self.reference, features)
+            accelerator.log({"eval/fid": result["fid"], **({"eval/kid": result["kid_mean"]} if "kid_mean" in result
+                                                           else {})}, step=step)
+            best = result["fid"] < self.best_fid
+            if best:  # best_model/: a DDPMPipeline like final_model/, with metrics.json; replaced whole or not at all
+                self.best_fid = result["fid"]
+                with atomic_folder(self.best_dir) as tmp:
+                    save_model(tmp, unet, noise_scheduler, record)
+                    write_json(tmp / "metrics.json", {**result, "step": step})
+            tqdm.write(f"eval at step {step} ({t.eval_num_images} images, {t.sample_scheduler} "
+                       f"{t.sample_num_inference_steps} steps): {describe(result)}"
+                       + ("; the best so far, saved as best_model/" if best else ""))
+        accelerator.wait_for_everyone()
 
 
 class LogWindow:
@@ -849,19 +720,27 @@ def report_stop(reason: str, signum: Optional[int], path: Path, progress: Progre
               file=sys.stderr)
 
 
+def dry_run(cfg: Config) -> int:
+    """--dry_run: the config resolved as far as it can be without reading the data, printed as JSON."""
+    t = cfg.training
+    fine_tune = t.pretrained_model_path and not t.resume_from_checkpoint
+    pretrained = load_model(t.pretrained_model_path, "--pretrained_model_path").unet.config if fine_tune else None
+    run = config_module.resolve(cfg, count_parameters, pretrained=pretrained,
+                                channels=pretrained and pretrained["in_channels"])
+    print(json.dumps(dataclasses.asdict(run.cfg), indent=2))
+    return 0
+
+
+def start(argv: Optional[list[str]]) -> int:
+    cfg, dry = parse_config(argv)
+    if dry:
+        return dry_run(cfg)
+    check_output_dir(cfg)
+    return train(cfg)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        cfg, dry_run = parse_config(argv)
-        if dry_run:
-            if not cfg.training.pretrained_model_path:  # else the architecture is the pretrained model's
-                resolve_auto(cfg, count_parameters(cfg), cfg.training.max_train_steps)
-            print(json.dumps(dataclasses.asdict(cfg), indent=2))
-            return 0
-        check_output_dir(cfg)
-        return train(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return config_module.exit_code(lambda: start(argv))
 
 
 if __name__ == "__main__":

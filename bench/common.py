@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 # The tests' and benchmarks' tiny model, a UNet of about 0.2M parameters at 16x16: a training step takes milliseconds
-# on a CPU. Kept here, not in tests/: torch-fidelity installs a top-level `tests` package that shadows ours (NOTES.md).
+# on a CPU. Kept here, not in tests/: torch-fidelity installs a top-level `tests` package that shadows ours.
 TINY_MODEL = ["--image_size", "16", "--block_out_channels", "16", "32", "--norm_num_groups", "8",
               "--layers_per_block", "1", "--down_block_types", "DownBlock2D", "AttnDownBlock2D",
               "--up_block_types", "AttnUpBlock2D", "UpBlock2D", "--attention_head_dim", "8"]
@@ -40,7 +40,7 @@ def make_image_folder(root: Path, count: int = 12, size: tuple[int, int] = (24, 
 
 
 def make_random_inception_weights(path: Path) -> Path:
-    """torch-fidelity's Inception-v3 with random weights, saved as its real weights file is (NOTES.md): the real
+    """torch-fidelity's Inception-v3 with random weights, saved as its real weights file is: the real
     loading path runs offline on it. He-initialised convolutions keep the features of order 1 through 90+ layers
     (the default init shrinks them to ~1e-8), so different images give different features."""
     from unittest import mock
@@ -59,11 +59,21 @@ def make_random_inception_weights(path: Path) -> Path:
     return path
 
 
+def resolved_run(model: str, *extra: str, channels: int = 3, device_type: str = "cpu"):
+    """The resolved training run (config.Resolved) of a benchmark model and flags, as train_ddpm.train resolves it
+    for RGB data (learning rate and warm-up from --max_train_steps when given)."""
+    import config
+    import train_ddpm
+    from model import count_parameters
+
+    cfg, _ = train_ddpm.parse_config(model_flags(model) + list(extra))
+    return config.resolve(cfg, count_parameters, channels=channels, device_type=device_type,
+                          native_bf16=device_type == "cuda")
+
+
 def model_config(model: str, *extra: str):
     """The resolved train_ddpm Config of a benchmark model."""
-    import train_ddpm
-    cfg, _ = train_ddpm.parse_config(model_flags(model) + list(extra))
-    return cfg
+    return resolved_run(model, *extra).cfg
 
 
 def synchronize(device) -> None:
@@ -86,13 +96,13 @@ def device_name(device) -> str:
 
 def flops_per_image(cfg, training: bool) -> float:
     """FLOPs of one image through the UNet (torch's FlopCounterMode, batch 1 on the CPU): one forward pass, or
-    forward + backward for a training step. Matches PERF.md: 12.1 / 36.3 GFLOP for ddpm-cifar10."""
+    forward + backward for a training step: 12.1 / 36.3 GFLOP for ddpm-cifar10."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    import train_ddpm
-    unet = train_ddpm.build_unet(cfg, 3)
+    from model import build_unet
     size = cfg.training.image_size
+    unet = build_unet(cfg.model, size, 3)
     sample, timestep = torch.randn(1, 3, size, size), torch.tensor([10])
     with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(training):
         out = unet(sample, timestep).sample

@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     from diffusers import DDPMPipeline
 
     import evaluate
-    import train_ddpm
+    from model import build_noise_scheduler, build_unet
 
     device = pick_device(args.device, args.threads)
     cfg = model_config(args.model)
@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.manual_seed(0)
-        DDPMPipeline(unet=train_ddpm.build_unet(cfg, 3), scheduler=train_ddpm.build_noise_scheduler(cfg)) \
+        DDPMPipeline(unet=build_unet(cfg.model, size, 3), scheduler=build_noise_scheduler(cfg.scheduler)) \
             .save_pretrained(tmp / "model")
         weights = args.inception_weights or make_random_inception_weights(tmp / "inception.pth")
         folder = make_image_folder(tmp / "reference", count=args.reference_images, size=(size + 8, size + 4))

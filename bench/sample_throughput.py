@@ -58,7 +58,8 @@ def main(argv=None) -> dict:
     import torch
     from diffusers import DDPMPipeline
 
-    import train_ddpm
+    from config import library_versions
+    from model import build_noise_scheduler, build_unet
     from sampling import generate, make_sampler
 
     device = pick_device(args.device, args.threads)
@@ -74,8 +75,8 @@ def main(argv=None) -> dict:
 
     cfg = model_config(args.model)
     torch.manual_seed(0)
-    unet = train_ddpm.build_unet(cfg, 3).eval()
-    schedule = train_ddpm.build_noise_scheduler(cfg).config
+    unet = build_unet(cfg.model, cfg.training.image_size, 3).eval()
+    schedule = build_noise_scheduler(cfg.scheduler).config
     theirs = copy.deepcopy(unet).to(device, dtype)
     ours = unet.to(device, dtype)
     if cuda:  # inference.py's set-up
@@ -119,7 +120,7 @@ def main(argv=None) -> dict:
     result = {"model": args.model, "image_size": cfg.training.image_size, "scheduler": args.scheduler,
               "steps": steps, "batch_size": batch_size, "num_images": num_images, "dtype": dtype_name,
               "compile": bool(args.compile and cuda), "device": device_name(device),
-              "versions": train_ddpm.library_versions(), "repeats": args.repeats,
+              "versions": library_versions(), "repeats": args.repeats,
               "gflop_per_forward_image": round(gflop, 3), "sides": {}}
     for name, _ in sides:
         runs = [num_images / s for s in seconds[name]]

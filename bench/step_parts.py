@@ -37,11 +37,13 @@ def main(argv=None) -> dict:
     from diffusers.training_utils import EMAModel
 
     import train_ddpm
+    from config import library_versions
     from dataset import to_model_input
+    from model import build_unet
 
     device = pick_device(args.device, args.threads)
     cfg = model_config(args.model)
-    model = train_ddpm.build_unet(cfg, 3).to(device)
+    model = build_unet(cfg.model, cfg.training.image_size, 3).to(device)
     params = list(model.parameters())
     for param in params:
         param.grad = torch.randn_like(param)
@@ -64,7 +66,7 @@ def main(argv=None) -> dict:
         "forward+backward (both)": (fwd_bwd,) * 2,
     }
     result = {"model": args.model, "batch_size": args.batch_size, "device": device_name(device),
-              "params": len(params), "versions": train_ddpm.library_versions(), "parts_ms": {}}
+              "params": len(params), "versions": library_versions(), "parts_ms": {}}
     print(f"{result['device']}, model {args.model} ({len(params)} parameter tensors, "
           f"{sum(x.numel() for x in params) / 1e6:.2f}M), batch {args.batch_size}: median ms of {args.calls} calls")
     print(f"  {'part':26s} {'plain':>9s} {'ours':>9s} {'saved':>9s}")

@@ -4,7 +4,7 @@
     python bench/train_throughput.py --model ddpm-cifar10 --batch_size 128 --mixed_precision bf16 --json out.json
     python bench/train_throughput.py --model tiny --device cpu --ablate --full_run
 
-All loops train the same UNet (train_ddpm.build_unet) on the same synthetic batch, on the same device, with the
+All loops train the same UNet (model.build_unet) on the same synthetic batch, on the same device, with the
 same mixed precision (each gets a fresh Accelerator: the accelerate state is reset in between). Their timed runs
 alternate (plain, ours, ours, plain, ...) so drifting load on a shared machine hits them alike; each run is
 synchronized before the clock is read; img/s is the median over runs.
@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import Loop, device_name, flops_per_image, model_flags, new_accelerator, pick_device  # noqa: E402
+from common import (Loop, device_name, flops_per_image, model_flags, new_accelerator, pick_device,  # noqa: E402
+                    resolved_run)
 from full_run import full_run  # noqa: E402
 
 
@@ -56,22 +57,24 @@ def parse_args(argv=None):
 
 
 def setup_plain(cfg, cpu, images, precision, fused=False, foreach_ema=False, item=True, channels_last=False):
-    """The step of the diffusers train_unconditional.py example (progress bar and checkpoints left out)."""
+    """The step of the diffusers train_unconditional.py example (progress bar and checkpoints left out), with the
+    learning rate and warm-up our run resolves (the example's own are fixed numbers)."""
     import torch
     import torch.nn.functional as F
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-    from train_ddpm import build_noise_scheduler, build_unet
+
+    from model import build_noise_scheduler, build_unet
 
     t = cfg.training
     accelerator = new_accelerator(cpu, mixed_precision=precision)
-    model = build_unet(cfg, images.shape[1])
+    model = build_unet(cfg.model, t.image_size, images.shape[1])
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema_model = EMAModel(model.parameters(), decay=t.ema_max_decay, use_ema_warmup=True, inv_gamma=t.ema_inv_gamma,
                          power=t.ema_power, foreach=foreach_ema)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    noise_scheduler = build_noise_scheduler(cfg)
+    noise_scheduler = build_noise_scheduler(cfg.scheduler)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.adam_weight_decay, eps=t.adam_epsilon, fused=fused or None)
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps,
@@ -105,16 +108,16 @@ def setup_plain(cfg, cpu, images, precision, fused=False, foreach_ema=False, ite
     return accelerator.device, step
 
 
-def setup_ours(cfg, cpu, images, precision):
+def setup_ours(run, cpu, images):
     """train_ddpm.train's set-up (build_training) and loop body (train_step), minus data loading and checkpoints."""
     from train_ddpm import LogWindow, build_training, step_seed, train_step
 
-    t = cfg.training
+    cfg, t, precision = run.cfg, run.cfg.training, run.precision
     # train() also passes log_with="tensorboard" and a project_config: trackers start only in init_trackers.
     accelerator = new_accelerator(cpu, mixed_precision=precision, step_scheduler_with_optimizer=False,
                                   gradient_accumulation_steps=t.gradient_accumulation_steps,
-                                  dynamo_backend="inductor" if t.compile else "no")
-    parts = build_training(cfg, accelerator, images.shape[1], total_steps=10**7)
+                                  dynamo_backend="inductor" if run.compile else "no")
+    parts = build_training(run, accelerator)
     window = LogWindow(accelerator)
     batch = images.to(accelerator.device)  # uint8, as the prepared loader delivers it
 
@@ -132,19 +135,20 @@ def setup_ours(cfg, cpu, images, precision):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
-    import train_ddpm
+
+    from config import library_versions
+    from model import count_parameters
 
     device = pick_device(args.device, args.threads)
     cuda, threads = device.type == "cuda", torch.get_num_threads()
     flags = model_flags(args.model)
-    cfg, _ = train_ddpm.parse_config(flags + ["--mixed_precision", args.mixed_precision, "--seed", "0"]
-                                     + (["--train_batch_size", str(args.batch_size)] if args.batch_size else [])
-                                     + (["--compile"] if args.compile else []))
-    t = cfg.training
-    t.logging_steps = args.logging_steps
-    precision, notice = train_ddpm.resolve_precision(t.mixed_precision, device)
-    if notice:
-        print(notice)
+    run = resolved_run(args.model, "--mixed_precision", args.mixed_precision, "--seed", "0", "--logging_steps",
+                       str(args.logging_steps), "--max_train_steps", str(10 ** 7),
+                       *(["--train_batch_size", str(args.batch_size)] if args.batch_size else []),
+                       *(["--compile"] if args.compile else []), device_type=device.type)
+    cfg, t, precision = run.cfg, run.cfg.training, run.precision
+    for line in run.notices:
+        print(line)
     images = torch.randint(0, 256, (t.train_batch_size, 3, t.image_size, t.image_size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
 
@@ -156,7 +160,7 @@ def main(argv=None) -> dict:
     for name, options in variants:
         before, start = torch.cuda.memory_allocated() if cuda else 0, time.perf_counter()
         torch.manual_seed(0)
-        dev, step = setup_ours(cfg, not cuda, images, precision) if options is None else \
+        dev, step = setup_ours(run, not cuda, images) if options is None else \
             setup_plain(cfg, not cuda, images, precision, **options)
         loop = Loop(name, step, dev, tf32=options is None and cuda)
         loop.run(args.warmup)
@@ -174,10 +178,9 @@ def main(argv=None) -> dict:
                 loop.peak = max(loop.peak, torch.cuda.max_memory_allocated() - (resident - loop.resident))
 
     images_per_run = args.steps * t.train_batch_size
-    result = {"model": args.model, "params_M": round(sum(p.numel() for p in train_ddpm.build_unet(cfg, 3)
-                                                         .parameters()) / 1e6, 2),
+    result = {"model": args.model, "params_M": round(count_parameters(cfg.model, t.image_size, 3) / 1e6, 2),
               "image_size": t.image_size, "batch_size": t.train_batch_size, "mixed_precision": precision,
-              "compile": t.compile, "device": device_name(device), "versions": train_ddpm.library_versions(),
+              "compile": run.compile, "device": device_name(device), "versions": library_versions(),
               "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
               "gflop_per_image": round(flops_per_image(cfg, training=True) / 1e9, 3), "loops": {}}
     for loop in loops:

@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# One thread, as in every CLI run of the tests (OMP_NUM_THREADS=1): on a loaded 2-core machine two OpenMP threads
+# spin against each other (an interpolation ran 20x slower), and in-process runs compute as the CLI ones do.
+torch.set_num_threads(1)
 
-# Shared with the benchmarks, so kept in bench/: NOTES.md says why not in tests/.
+# Shared with the benchmarks, so kept in bench/ (torch-fidelity installs a top-level `tests` package that shadows ours).
 from bench.common import TINY_MODEL, make_image_folder, make_random_inception_weights  # noqa: E402,F401
 
 # Fast previews and frequent logging for short runs.
 TINY_RUN = TINY_MODEL + ["--train_batch_size", "4", "--sample_num_inference_steps", "4", "--num_preview_images", "4",
                          "--logging_steps", "1", "--dataloader_num_workers", "0", "--seed", "7"]
+
+
+def load_cached(cfg, progress: bool = False):
+    """dataset.load_dataset for the dataset a training Config names."""
+    import dataset
+
+    return dataset.load_dataset(cfg.training.dataset_name, cfg.training.image_size, cfg.data, progress=progress)
 
 
 def cli_env() -> dict[str, str]:
@@ -40,6 +54,59 @@ def run_cli(script: str, *args: str, timeout: float = 300, check: bool = True, *
         raise AssertionError(f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                              f"--- stderr\n{proc.stderr[-4000:]}")
     return proc
+
+
+def error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, f"expected exactly one 'error:' line on stderr, got:\n{stderr}"
+    return lines[0]
+
+
+def assert_user_error(result, *words: str) -> str:
+    """Exit code 2, no traceback, one error line that contains every word."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+    line = error_line(result.stderr)
+    for word in words:
+        assert word in line, f"{word!r} not in {line!r}"
+    return line
+
+
+def call(main, argv: list, capsys) -> types.SimpleNamespace:
+    """A script's main() in-process, as the CLI would see it (argparse errors exit via SystemExit): what a new
+    process would cost only in imports, a few seconds each. Each call starts with a fresh accelerate state (one
+    Accelerator per process otherwise) and leaves the signal handlers as it found them (training installs its own)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    capsys.readouterr()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    handlers_before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # Libraries' log handlers hold the stderr of the moment they were made (maybe an earlier test's, now
+    # closed; diffusers and huggingface_hub pin its flush too): point them at this call's stderr meanwhile.
+    loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    handlers = [h for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler]
+    saved = [(h.stream, vars(h).get("flush")) for h in handlers]
+    for handler in handlers:
+        handler.stream = sys.stderr  # not setStream(): that flushes the old stream
+        if "flush" in vars(handler):
+            handler.flush = sys.stderr.flush
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    finally:
+        for handler, (stream, flush) in zip(handlers, saved):
+            handler.stream = stream
+            if flush is not None:
+                handler.flush = flush
+        for signum, handler in handlers_before.items():
+            signal.signal(signum, handler)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    out, err = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def make_mixed_mode_folder(root: Path) -> Path:

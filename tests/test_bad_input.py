@@ -8,10 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import shutil
-import sys
-import types
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +22,8 @@ import dataset
 import inference
 import train_ddpm
 from config import Config, UserError
-from conftest import TINY_MODEL, TINY_RUN, make_image_folder, make_mixed_mode_folder, run_cli
+from conftest import (TINY_MODEL, TINY_RUN, assert_user_error, call, error_line, load_cached, make_image_folder,
+                      make_mixed_mode_folder, run_cli)
 
 # Three levels (image_size must be a multiple of 4), for the UNet-shape cases.
 THREE_LEVELS = ["--block_out_channels", "16", "32", "64", "--norm_num_groups", "8",
@@ -36,48 +34,6 @@ THREE_LEVELS = ["--block_out_channels", "16", "32", "64", "--norm_num_groups", "
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
-
-
-def error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, f"expected exactly one 'error:' line on stderr, got:\n{stderr}"
-    return lines[0]
-
-
-def assert_user_error(result, *words: str) -> str:
-    """Exit code 2, no traceback, one error line that contains every word."""
-    assert "Traceback" not in result.stderr, result.stderr
-    assert result.returncode == 2, f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-    line = error_line(result.stderr)
-    for word in words:
-        assert word in line, f"{word!r} not in {line!r}"
-    return line
-
-
-def call(main, argv: list, capsys) -> types.SimpleNamespace:
-    """A script's main() in-process, as the CLI would see it (argparse errors exit via SystemExit)."""
-    capsys.readouterr()
-    # Libraries' log handlers hold the stderr of the moment they were made (maybe an earlier test's, now
-    # closed; diffusers and huggingface_hub pin its flush too): point them at this call's stderr meanwhile.
-    loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values()
-                                      if isinstance(lg, logging.Logger))]
-    handlers = [h for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler]
-    saved = [(h.stream, vars(h).get("flush")) for h in handlers]
-    for handler in handlers:
-        handler.stream = sys.stderr  # not setStream(): that flushes the old stream
-        if "flush" in vars(handler):
-            handler.flush = sys.stderr.flush
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    finally:
-        for handler, (stream, flush) in zip(handlers, saved):
-            handler.stream = stream
-            if flush is not None:
-                handler.flush = flush
-    out, err = capsys.readouterr()
-    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def files_under(path: Path) -> list[Path]:
@@ -136,7 +92,7 @@ def _in_tmp(tmp_path, monkeypatch):
 def parse(argv: list[str]):
     defaults = config_module.flat_fields(config_module.TrainingConfig(), config_module.DataConfig(),
                                          config_module.ModelConfig(), config_module.SchedulerConfig())
-    return config_module.parse_cli(argv, "train_ddpm.py", "", defaults, train_ddpm.SECTIONS, config_module.PRESETS,
+    return config_module.parse_cli(argv, "train_ddpm.py", "", defaults, config_module.TRAINING_SECTIONS, config_module.PRESETS,
                                    train_ddpm.EXTRA_FLAGS)
 
 
@@ -223,7 +179,7 @@ def data_config(tmp_path: Path, name: str, folder: Optional[Path] = None) -> Con
 def test_all_images_unreadable(tmp_path):
     bad = add_bad_files(tmp_path / "images")
     with pytest.raises(UserError, match=f"none of the {len(bad)} images in .* could be read"):
-        dataset.load_dataset(data_config(tmp_path, "custom", tmp_path / "images"), progress=False)
+        load_cached(data_config(tmp_path, "custom", tmp_path / "images"), progress=False)
 
 
 @pytest.mark.parametrize("name, title", [("cifar10", "CIFAR-10"), ("mnist", "MNIST")])
@@ -234,7 +190,7 @@ def test_download_without_network(name, title, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
     with pytest.raises(UserError) as error:
-        dataset.load_dataset(data_config(tmp_path, name), progress=False)
+        load_cached(data_config(tmp_path, name), progress=False)
     message = str(error.value)
     for word in (f"could not download {title}", "network", "--data_dir", "--dataset_name custom"):
         assert word in message
@@ -311,7 +267,7 @@ def test_bf16_on_a_gpu_without_it_falls_back_to_fp16(native_bf16, requested, exp
     # Older GPUs emulate bf16 (slowly): torch reports bf16 on them unless asked for native support only.
     supported = lambda including_emulation=True: native_bf16 or including_emulation
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
-    precision, line = train_ddpm.resolve_precision(requested, torch.device("cuda"))
+    precision, line = config_module.resolve_precision(requested, "cuda", train_ddpm.native_bf16(torch.device("cuda")))
     assert precision == expected
     if notice is None:
         assert line is None
@@ -320,10 +276,10 @@ def test_bf16_on_a_gpu_without_it_falls_back_to_fp16(native_bf16, requested, exp
 
 
 def test_compile_on_a_cpu_is_dropped_with_a_notice():
-    assert train_ddpm.resolve_compile(True, torch.device("cpu")) == (
+    assert config_module.resolve_compile(True, "cpu") == (
         False, "notice: --compile needs a CUDA GPU; training uncompiled on cpu")
-    assert train_ddpm.resolve_compile(True, torch.device("cuda")) == (True, None)
-    assert train_ddpm.resolve_compile(False, torch.device("cpu")) == (False, None)
+    assert config_module.resolve_compile(True, "cuda") == (True, None)
+    assert config_module.resolve_compile(False, "cpu") == (False, None)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import dataset
-from conftest import make_image_folder, make_mixed_mode_folder
+from conftest import load_cached, make_image_folder, make_mixed_mode_folder
 from config import Config
 
 
@@ -29,7 +29,7 @@ def plain_images(folder: Path, image_size: int) -> torch.Tensor:
 
 def test_cached_images_equal_the_plain_pipeline(tmp_path):
     folder = make_mixed_mode_folder(tmp_path / "mixed")
-    cache = dataset.load_dataset(config_for(folder, tmp_path / "data"), progress=False)
+    cache = load_cached(config_for(folder, tmp_path / "data"), progress=False)
     cached = dataset.to_model_input(cache.__getitems__(list(range(len(cache)))), random_flip=False)
     expected = plain_images(folder, 16)
     assert cached.shape == expected.shape == (11, 3, 16, 16)
@@ -40,7 +40,8 @@ def test_mnist_cache_equals_the_plain_torchvision_dataset(mnist_dir):
     from torchvision import datasets
 
     cfg = config_for(Path("unused"), mnist_dir, image_size=32, name="mnist")
-    cache = dataset.load_dataset(cfg, progress=False)
+    cache = load_cached(cfg, progress=False)
+    assert cache.path.parent == mnist_dir / "cache" and cache.path.name.startswith("mnist-32px-")
     plain = datasets.MNIST(str(mnist_dir), train=True, transform=dataset.plain_transform(32, 1))
     expected = torch.stack([plain[i][0] for i in range(len(plain))])
     cached = dataset.to_model_input(cache.__getitems__(list(range(len(cache)))), random_flip=False)
@@ -51,15 +52,15 @@ def test_mnist_cache_equals_the_plain_torchvision_dataset(mnist_dir):
 def test_cache_is_built_once_and_rebuilt_when_the_source_or_size_changes(tmp_path):
     folder = make_image_folder(tmp_path / "images", count=6)
     data = tmp_path / "data"
-    first = dataset.load_dataset(config_for(folder, data), progress=False)
-    dataset.load_dataset(config_for(folder, data), progress=False)
+    first = load_cached(config_for(folder, data), progress=False)
+    load_cached(config_for(folder, data), progress=False)
     assert len(list((data / "cache").glob("*.npy"))) == 1
-    dataset.load_dataset(config_for(folder, data, image_size=8), progress=False)
+    load_cached(config_for(folder, data, image_size=8), progress=False)
     assert len(list((data / "cache").glob("*.npy"))) == 2
     statistics = first.path.with_name(f"{first.path.stem}-inception-2015-12-05.npz")  # evaluate.py's, of that content
     statistics.write_bytes(b"")
     Image.new("RGB", (20, 20), "red").save(folder / "new.png")
-    grown = dataset.load_dataset(config_for(folder, data), progress=False)
+    grown = load_cached(config_for(folder, data), progress=False)
     assert len(grown) == 7 and len(list((data / "cache").glob("*.npy"))) == 2  # the new cache replaced the stale one
     assert not first.path.exists() and len(list((data / "cache").glob("*.json"))) == 2
     assert not statistics.exists(), "reference statistics go with the content they were computed from"
@@ -69,13 +70,14 @@ def test_cache_is_built_once_and_rebuilt_when_the_source_or_size_changes(tmp_pat
 def test_a_source_reaches_loader_workers_under_any_start_method(tmp_path, mnist_dir):
     folder = make_image_folder(tmp_path / "images", count=3)
     for cfg in (config_for(folder, tmp_path / "data"), config_for(Path("unused"), mnist_dir, name="mnist")):
-        source = pickle.loads(pickle.dumps(dataset.open_source(cfg)))  # "spawn" (macOS, Windows) pickles it
+        source = dataset.open_source(cfg.training.dataset_name, cfg.data)
+        source = pickle.loads(pickle.dumps(source))  # "spawn" (macOS, Windows) pickles it
         assert source.read(0, 8, source.channels).shape == (source.channels, 8, 8)
 
 
 def test_memory_mapped_and_in_memory_caches_agree(tmp_path):
     folder = make_image_folder(tmp_path / "images", count=8)
-    cache = dataset.load_dataset(config_for(folder, tmp_path / "data"), progress=False)
+    cache = load_cached(config_for(folder, tmp_path / "data"), progress=False)
     assert isinstance(cache.images, np.memmap) and not cache.images.flags.writeable  # pages shared by processes
     mapped = dataset.ImageCache(cache.path, cache.count, in_memory=False)
     indices = [5, 0, 7, 2]
@@ -87,7 +89,7 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "images", count=4)
     (folder / "truncated.png").write_bytes((folder / "img01.png").read_bytes()[:60])
     (folder / "not_an_image.jpg").write_text("hello")
-    cache = dataset.load_dataset(config_for(folder, tmp_path / "data"), progress=True)
+    cache = load_cached(config_for(folder, tmp_path / "data"), progress=True)
     assert len(cache) == 4
     assert "skipped 2 of 6 images" in capsys.readouterr().out
 

@@ -18,16 +18,6 @@ import train_ddpm
 from config import UserError
 
 
-@pytest.fixture
-def one_thread():
-    """Torch on one thread, as the CLI runs in the tests (OMP_NUM_THREADS=1): on a loaded 2-core machine two
-    OpenMP threads spin against each other and made the interpolation below 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def as_uint8(image: torch.Tensor) -> np.ndarray:
     return (image * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
 
@@ -61,7 +51,6 @@ def test_grid_cells_are_scaled_up_and_a_greyscale_grid_stays_grey(tmp_path):
     assert np.array_equal(cell, np.kron(as_uint8(images[1, 0]), np.ones((8, 8), dtype=np.uint8)))
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_a_grid_of_many_images_is_scaled_up_less_to_stay_within_4096_px(tmp_path):
     # 900 images of 32 px in 30 columns: 8x would make a 7742 px square, so the factor drops to 4.
     assert sampling.display_factor(32, 256, cells_across=30) == 4
@@ -75,7 +64,7 @@ def test_the_gif_shows_big_greyscale_frames_and_loops(tmp_path):
     frames = torch.rand(3, 1, 16, 16)
     sampling.save_gif(frames, tmp_path / "a.gif", fps=4, display_size=256)
     with Image.open(tmp_path / "a.gif") as gif:
-        assert gif.n_frames == 3 and gif.size == (256, 256) and gif.info["loop"] == 0
+        assert gif.n_frames == 3 and gif.size == (256, 256) and gif.info["loop"] == 0 and gif.info["duration"] == 250
         rgb = np.asarray(gif.convert("RGB"))
     assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all(), "grey stays grey"
 
@@ -113,10 +102,9 @@ def test_display_size_is_a_checked_flag_of_both_scripts():
 ])
 def test_inference_steps_are_the_samplers_default_unless_given(flags, trained, steps):
     cfg = inference.parse_config(["--model_path", "some/final_model", *flags])
-    assert inference.inference_steps(cfg, trained) == steps
+    assert inference.sampler_and_steps(cfg, trained)[1] == steps
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_interpolation_defaults_to_50_ddim_steps_and_only_the_pictures_are_scaled(trained_run, tmp_path):
     out, _ = trained_run
     dest = tmp_path / "interp"

@@ -18,7 +18,9 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 
 import evaluate
 import inference
+import metrics
 from conftest import ROOT, cli_env, make_image_folder, run_cli, save_tiny_pipeline
+from model import load_model
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
 # 5 images in batches of 2: uneven shares on two processes (3 and 2) and a short last batch. Few images, as the
@@ -40,7 +42,7 @@ def test_fid_matches_the_closed_form_of_two_gaussians():
     reference = {"mu": mu_r.astype(np.float32), "sigma": np.diag(std_r ** 2)}  # the population's own statistics
     # Diagonal covariances: ||mu_r - mu_g||^2 + tr(S_r + S_g - 2 (S_r S_g)^1/2) = sum of squares of both differences.
     closed_form = ((mu_r - mu_g) ** 2).sum() + ((std_r - std_g) ** 2).sum()
-    assert evaluate.frechet_distance(reference, gaussian(rng, 50_000, mu_g, std_g)) == pytest.approx(closed_form,
+    assert metrics.frechet_distance(reference, gaussian(rng, 50_000, mu_g, std_g)) == pytest.approx(closed_form,
                                                                                                     rel=0.03)
 
 
@@ -48,20 +50,20 @@ def test_fid_of_a_set_against_itself_is_zero_and_the_few_image_path_is_torch_fid
     rng = np.random.default_rng(1)
     many, few = gaussian(rng, 300, 0, np.ones(16)), gaussian(rng, 12, 0, np.linspace(0.5, 3, 64))
     for features in (many, few):  # torch-fidelity's path (more images than dimensions), then the n x n one
-        assert abs(evaluate.frechet_distance(fid_features_to_statistics(features), features)) < 1e-6
+        assert abs(metrics.frechet_distance(fid_features_to_statistics(features), features)) < 1e-6
     reference = fid_features_to_statistics(gaussian(rng, 200, 0.3, np.linspace(1, 2, 64)))
     direct = fid_statistics_to_metric(reference, fid_features_to_statistics(few), verbose=False)
-    assert evaluate.frechet_distance(reference, few) == pytest.approx(direct["frechet_inception_distance"], rel=1e-6)
+    assert metrics.frechet_distance(reference, few) == pytest.approx(direct["frechet_inception_distance"], rel=1e-6)
 
 
 def test_kid_is_unbiased_around_zero_for_one_distribution_and_positive_for_two():
     rng = np.random.default_rng(2)
     std = np.ones(16)
-    same = [evaluate.kernel_inception_distance(gaussian(rng, 100, 0, std).numpy(), gaussian(rng, 100, 0, std))
+    same = [metrics.kernel_inception_distance(gaussian(rng, 100, 0, std).numpy(), gaussian(rng, 100, 0, std))
             for _ in range(12)]
     means = np.array([r["kid_mean"] for r in same])
     assert (means < 0).any() and (means > 0).any(), "an unbiased estimate of a zero MMD takes both signs"
-    shifted = evaluate.kernel_inception_distance(gaussian(rng, 100, 0, std).numpy(), gaussian(rng, 100, 0.5, std))
+    shifted = metrics.kernel_inception_distance(gaussian(rng, 100, 0, std).numpy(), gaussian(rng, 100, 0.5, std))
     assert shifted["kid_mean"] > 10 * np.abs(means).max() and shifted["kid_mean"] > 3 * shifted["kid_std"]
     assert shifted["kid_subset_size"] == 100  # capped by the number of images
 
@@ -200,22 +202,29 @@ def test_training_evaluation_settings_are_checked_before_training(argv, words, t
     assert err.count("\n") == 1 and all(word in err for word in words), err
 
 
-def test_a_folder_holding_a_diffusers_unet_is_scored_like_a_pipeline(scored, tmp_path):
+def test_the_one_loader_reads_what_is_on_disk(scored, trained_run, tmp_path):
+    """model.load_model, the loader of train_ddpm.py, inference.py and evaluate.py. A folder holding only unet/ and
+    scheduler/ (no model_index.json) gives the weights stored there and its own schedule; a training checkpoint gives
+    its EMA weights (at the run's last epoch: final_model's), not its training weights."""
     import shutil
 
-    _, model, _, _ = scored
-    for part in ("unet", "scheduler"):  # a checkpoint that holds the diffusers UNet, without model_index.json
-        shutil.copytree(model / part, tmp_path / part)
-    unet, schedule = evaluate.load_model(str(tmp_path), torch.float32)
-    reference, reference_schedule = inference.load_model(str(model), torch.float32)
-    assert unet.config.sample_size == 8 and dict(schedule) == dict(reference_schedule)
-    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reference.state_dict().values()))
+    from diffusers import DDPMScheduler
+    from safetensors.torch import load_file
 
+    _, model_dir, _, _ = scored
+    shutil.copytree(model_dir / "unet", tmp_path / "unet")
+    DDPMScheduler(num_train_timesteps=500, beta_end=0.03).save_pretrained(tmp_path / "scheduler")
+    saved = load_model(str(tmp_path))
+    stored = load_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    loaded = saved.unet.state_dict()
+    assert loaded.keys() == stored.keys() and all(torch.equal(loaded[k], v) for k, v in stored.items())
+    assert saved.schedule.num_train_timesteps == 500 and saved.schedule.beta_end == 0.03 and saved.record is None
 
-def test_a_training_checkpoint_is_scored_with_its_ema_weights(trained_run):
-    """Checkpoints hold the EMA UNet in diffusers format: evaluate.py takes a checkpoint folder as a model."""
     out, _ = trained_run
-    checkpoint = out / "checkpoint-epoch-2"  # the run's last epoch: its EMA weights are final_model's
-    unet, _ = evaluate.load_model(str(checkpoint), torch.float32)
-    final, _ = inference.load_model(str(out / "final_model"), torch.float32)
-    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), final.state_dict().values()))
+    checkpoint = load_model(str(out / "checkpoint-epoch-2"))
+    loaded = checkpoint.unet.state_dict()
+    ema = load_file(out / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
+    training = load_file(out / "checkpoint-epoch-2" / "model.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in ema.items())
+    assert not torch.equal(loaded["conv_in.weight"], training["conv_in.weight"])
+    assert checkpoint.record["training"]["seed"] == 7

@@ -15,10 +15,9 @@ from accelerate.data_loader import prepare_data_loader
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import inference
-import train_ddpm
 from conftest import ROOT, TINY_RUN, cli_env, run_cli
 from dataset import ImageCache, make_dataloader
+from model import load_model
 
 
 def launch(launcher: list[str], *args) -> subprocess.CompletedProcess:
@@ -55,22 +54,20 @@ def test_two_processes_train_write_once_and_resume_in_one(image_folder, tmp_path
     weights = load_file(checkpoint / "model.safetensors")
     assert not [k for k in weights if k.startswith("module.")], "weights are stored under the UNet's own names"
 
-    # The checkpoint of a 2-process run as a pretrained model and as inference.py's --model_path: its EMA pipeline.
-    cfg, _ = train_ddpm.parse_config([*map(str, TINY_RUN), "--output_dir", str(tmp_path / "x"),
-                                      "--pretrained_model_path", str(checkpoint)])
-    ema_unet = train_ddpm.load_pretrained(cfg, 3)
-    final_ema = load_file(out / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert not torch.equal(ema_unet.state_dict()["conv_in.weight"], weights["conv_in.weight"])  # EMA, not training
-    unet, scheduler_config = inference.load_model(str(checkpoint), torch.float32)
-    assert torch.equal(unet.state_dict()["conv_in.weight"], ema_unet.state_dict()["conv_in.weight"])
-    assert scheduler_config["num_train_timesteps"] == 1000 and final_ema.keys() == weights.keys()
+    # The checkpoint of a 2-process run as a model (--pretrained_model_path, --model_path): its EMA pipeline.
+    saved = load_model(str(checkpoint))
+    ema_unet = saved.unet.state_dict()
+    pipeline_weights = load_file(checkpoint / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not torch.equal(ema_unet["conv_in.weight"], weights["conv_in.weight"])  # EMA, not training
+    assert torch.equal(ema_unet["conv_in.weight"], pipeline_weights["conv_in.weight"])
+    assert saved.schedule["num_train_timesteps"] == 1000 and saved.record["_provenance"]["num_processes"] == 2
+    assert pipeline_weights.keys() == weights.keys()
     # A checkpoint written before checkpoints held a pipeline: training weights stored with DDP's prefix.
     old = tmp_path / "old-checkpoint"
     old.mkdir()
     shutil.copy(checkpoint / "config.json", old / "config.json")
     save_file({f"module.{k}": v for k, v in weights.items()}, old / "model.safetensors")
-    cfg.training.pretrained_model_path = str(old)
-    assert torch.equal(train_ddpm.load_pretrained(cfg, 3).state_dict()["conv_in.weight"], weights["conv_in.weight"])
+    assert torch.equal(load_model(str(old)).unet.state_dict()["conv_in.weight"], weights["conv_in.weight"])
 
     # The final checkpoint made to look as before checkpoint.py (weights under DDP's names, no pipeline, no
     # skipped_steps, lr_segment or save sequence), then resumed by one process in the middle of epoch 2: another data

@@ -11,9 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import dataset
+import inference
 import train_ddpm
-from conftest import TINY_RUN, make_image_folder, run_cli
+from model import build_noise_scheduler, count_parameters
+from conftest import TINY_RUN, load_cached, make_image_folder, run_cli
 from config import Config
 
 
@@ -41,10 +44,10 @@ def config_for(folder: Path, data_dir: Path, num_channels: str = "auto") -> Conf
     return cfg
 
 
-def test_a_greyscale_folder_gives_one_channel_equal_to_the_plain_pipeline(tmp_path, capsys):
+def test_a_greyscale_folder_gives_one_channel_equal_to_the_plain_pipeline(tmp_path):
     folder = greyscale_folder(tmp_path / "grey")
-    cache = dataset.load_dataset(config_for(folder, tmp_path / "data"), progress=True)
-    assert "1 channel (every image is greyscale" in capsys.readouterr().out
+    cache = load_cached(config_for(folder, tmp_path / "data"))
+    assert "1 channel (every image is greyscale" in cache.describe(random_flip=False)
     cached = dataset.to_model_input(cache.__getitems__(list(range(len(cache)))), random_flip=False)
     transform = dataset.plain_transform(16, 1)
     expected = torch.stack([transform(dataset.to_rgb(Image.open(p)).convert("L"))
@@ -56,9 +59,9 @@ def test_a_greyscale_folder_gives_one_channel_equal_to_the_plain_pipeline(tmp_pa
 def test_num_channels_overrides_the_detection(tmp_path):
     grey = greyscale_folder(tmp_path / "grey")
     colour = make_image_folder(tmp_path / "colour", count=4)
-    assert dataset.load_dataset(config_for(grey, tmp_path / "data", "3"), progress=False)[0].shape[0] == 3
-    assert dataset.load_dataset(config_for(colour, tmp_path / "data"), progress=False)[0].shape[0] == 3
-    assert dataset.load_dataset(config_for(colour, tmp_path / "data", "1"), progress=False)[0].shape[0] == 1
+    assert load_cached(config_for(grey, tmp_path / "data", "3"), progress=False)[0].shape[0] == 3
+    assert load_cached(config_for(colour, tmp_path / "data"), progress=False)[0].shape[0] == 3
+    assert load_cached(config_for(colour, tmp_path / "data", "1"), progress=False)[0].shape[0] == 1
 
 
 @pytest.mark.parametrize("name, flags, flip", [
@@ -67,7 +70,7 @@ def test_num_channels_overrides_the_detection(tmp_path):
 def test_random_flip_default_follows_the_dataset(tmp_path, name, flags, flip):
     folder = ["--dataset_path", str(tmp_path)] if name == "custom" else []
     cfg, _ = train_ddpm.parse_config(["--dataset_name", name, *folder, *flags])
-    assert cfg.data.random_flip is flip
+    assert config.resolve(cfg, count_parameters).cfg.data.random_flip is flip
 
 
 def test_greyscale_folder_end_to_end(tmp_path):
@@ -81,11 +84,12 @@ def test_greyscale_folder_end_to_end(tmp_path):
     assert "1 channel" in proc.stdout and "random flips off" in proc.stdout
     record = json.loads((out / "config.json").read_text())
     assert record["_provenance"]["channels"] == 1 and record["data"]["random_flip"] is False
+    assert Image.open(out / "sample_training_data.png").mode == "L"  # greyscale data, greyscale grid
     preview = np.asarray(Image.open(out / "sample_training_data.png").convert("L"))
     light = (preview > 190).mean()
     assert 0.15 < light < 0.85, f"the preview shows one class only ({light:.2f} of it is light)"
-    run_cli("inference.py", "--model_path", out / "final_model", "--num_images", 2, "--num_inference_steps", 2,
-            "--output_dir", tmp_path / "samples")
+    assert inference.main([str(a) for a in ("--model_path", out / "final_model", "--num_images", 2,
+                                            "--num_inference_steps", 2, "--output_dir", tmp_path / "samples")]) == 0
     image = Image.open(tmp_path / "samples" / "seed000000.png")
     assert image.mode == "L" and image.size == (16, 16)
 
@@ -103,19 +107,19 @@ SMALL_UNET = ["--image_size", "16", "--block_out_channels", "32", "64", "--down_
 ])
 def test_auto_learning_rate_and_warmup(flags, steps, learning_rate, warmup):
     cfg, _ = train_ddpm.parse_config(["--max_train_steps", str(steps), *flags])
-    train_ddpm.resolve_auto(cfg, train_ddpm.count_parameters(cfg), steps)
-    assert (cfg.training.learning_rate, cfg.training.lr_warmup_steps) == (learning_rate, warmup)
+    t = config.resolve(cfg, count_parameters).cfg.training
+    assert (t.learning_rate, t.lr_warmup_steps) == (learning_rate, warmup)
 
 
 def test_count_parameters_matches_the_readme_anchor():
     cfg, _ = train_ddpm.parse_config([])
-    assert train_ddpm.count_parameters(cfg) == train_ddpm.README_UNET_PARAMETERS
+    assert count_parameters(cfg.model, 64, 3) == config.README_UNET_PARAMETERS
 
 
 def test_min_snr_weights_are_on_by_default_and_down_weight_only_the_nearly_clean_steps():
     cfg, _ = train_ddpm.parse_config([])
     assert cfg.training.snr_gamma == 5.0
-    scheduler = train_ddpm.build_noise_scheduler(cfg)
+    scheduler = build_noise_scheduler(cfg.scheduler)
     weights = train_ddpm.min_snr_weights(scheduler, cfg, torch.device("cpu"))
     alphas = scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import config
 from checkpoint import find_checkpoint
-from config import UserError
+from model import count_parameters
 from conftest import ROOT, TINY_MODEL, TINY_RUN, cli_env, run_cli
 
 # 12 images in batches of 4: 3 optimizer steps an epoch, so step 4 is in the middle of epoch 2.
@@ -152,10 +153,10 @@ def test_sigkill_resumes_from_the_last_complete_checkpoint(image_folder, tmp_pat
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops_with_advice(image_folder, tmp_path):
-    out = tmp_path / "run"
+    out = tmp_path / "run"  # also a run with a drawn seed, recorded in config.json and its checkpoint
     proc = run_cli("train_ddpm.py", *train_args(image_folder, out, "--learning_rate", "1e30", "--lr_scheduler",
-                                                "constant", "--max_nonfinite_steps", 3, "--max_train_steps", 50),
-                   check=False)
+                                                "constant", "--max_nonfinite_steps", 3, "--max_train_steps", 50,
+                                                "--seed", "none"), check=False)
     assert proc.returncode == 3, proc.stderr
     assert "NaN/inf" in proc.stderr and "--learning_rate" in proc.stderr and "Traceback" not in proc.stderr
     (checkpoint,) = out.glob("checkpoint-step-*")
@@ -166,28 +167,48 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_advice(image_folder
     assert state["ema"]["optimization_step"] == applied, "the EMA does not advance on a skipped step"
     assert all(torch.isfinite(w).all() for w in state["model"].values()), "skipped steps leave the weights finite"
     assert not (out / "final_model").exists()
-
-
-def test_overwrite_output_dir_starts_afresh(image_folder, tmp_path):
-    out = tmp_path / "run"
-    run_cli("train_ddpm.py", *train_args(image_folder, out, "--max_train_steps", 4))
-    assert (out / "checkpoint-step-4").exists()  # refused without the flag: test_existing_run_is_not_overwritten
-    run_cli("train_ddpm.py", *train_args(image_folder, out, "--max_train_steps", 2, "--overwrite_output_dir"))
-    assert not (out / "checkpoint-step-4").exists()
-    assert json.loads((out / "config.json").read_text())["training"]["max_train_steps"] == 2
-
-
-def test_seed_is_drawn_and_recorded_and_old_checkpoints_rotate(image_folder, tmp_path):
-    out = tmp_path / "run"
-    run_cli("train_ddpm.py", *train_args(image_folder, out, "--max_train_steps", 4, "--seed", "none",
-                                         "--checkpointing_steps", 1, "--checkpoints_total_limit", 2))
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-step-3", "checkpoint-step-4"]
     seed = json.loads((out / "config.json").read_text())["training"]["seed"]
-    assert isinstance(seed, int)
-    assert json.loads((out / "final_model" / "config.json").read_text())["training"]["seed"] == seed
+    assert isinstance(seed, int) and json.loads((checkpoint / "config.json").read_text())["training"]["seed"] == seed
 
 
-def test_fine_tuning_from_final_model_with_frozen_encoder(image_folder, tmp_path, trained_run):
+def test_overwrite_output_dir_clears_the_previous_run_and_nothing_else(tmp_path):
+    import train_ddpm
+
+    out = tmp_path / "run"
+    for name in ("logs", "final_model", "best_model", "checkpoint-step-4", "checkpoint-epoch-1"):
+        (out / name).mkdir(parents=True)
+    for name in ("config.json", "samples_epoch_1.png", "sample_training_data.png", "final_samples.png", "notes.txt"):
+        (out / name).write_text("x")
+    (out / "my_images").mkdir()
+    cfg, _ = train_ddpm.parse_config(["--output_dir", str(out)])
+    with pytest.raises(config.UserError, match="already holds a run"):
+        train_ddpm.check_output_dir(cfg)
+    cfg.training.overwrite_output_dir = True
+    train_ddpm.check_output_dir(cfg)
+    train_ddpm.prepare_output_dir(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["my_images", "notes.txt"]
+
+
+def test_rotation_keeps_the_newest_saves_and_drops_an_abandoned_branch_first(tmp_path):
+    from checkpoint import list_checkpoints, rotate
+
+    def fake(step: int, sequence: int):
+        (tmp_path / f"checkpoint-step-{step}").mkdir()
+        (tmp_path / f"checkpoint-step-{step}" / "progress.json").write_text(
+            json.dumps({"global_step": step, "sequence": sequence}))
+
+    for step in (1, 2, 3, 4):
+        fake(step, sequence=step)
+    rotate(tmp_path, 2, lineage=[1, 2, 3, 4])
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-step-3", "checkpoint-step-4"]
+    fake(5, sequence=5)  # a run resumed from checkpoint-step-3 saved this: checkpoint-step-4 is an abandoned branch
+    rotate(tmp_path, 2, lineage=[1, 2, 3, 5])
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-step-3", "checkpoint-step-5"]
+    rotate(tmp_path, None, lineage=[])  # no limit: nothing goes
+    assert len(list_checkpoints(tmp_path)) == 2
+
+
+def test_fine_tuning_from_final_model_with_frozen_encoder(image_folder, tmp_path, trained_run, capsys):
     base, _ = trained_run
     tuned = tmp_path / "tuned"
     run_cli("train_ddpm.py", *train_args(image_folder, tuned, "--max_train_steps", 3, "--pretrained_model_path",
@@ -199,12 +220,11 @@ def test_fine_tuning_from_final_model_with_frozen_encoder(image_folder, tmp_path
     trained = [k for k in before if k.startswith("up_blocks.")]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in trained)
-    import train_ddpm  # a model of another size is refused when it loads (in-process: the CLI adds only imports)
+    import train_ddpm  # a model of another size is refused (in-process: the CLI adds only imports)
 
-    cfg, _ = train_ddpm.parse_config([*map(str, TINY_MODEL), "--image_size", "32", "--output_dir", str(tmp_path / "x"),
-                                      "--pretrained_model_path", str(base / "final_model")])
-    with pytest.raises(UserError, match="--image_size 16"):
-        train_ddpm.load_pretrained(cfg, 3)
+    assert train_ddpm.main([*map(str, TINY_MODEL), "--image_size", "32", "--output_dir", str(tmp_path / "x"),
+                            "--pretrained_model_path", str(base / "final_model"), "--dry_run"]) == 2
+    assert "set --image_size 16" in capsys.readouterr().err
 
 
 def lr_by_run(out: Path) -> list[dict[int, float]]:
@@ -270,9 +290,11 @@ def test_fp16_overflow_skips_are_not_nonfinite_and_advance_neither_lr_nor_ema(tm
     accelerator = Accelerator(cpu=True)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=float("inf"))  # what prepare() hands the optimizer
     cfg, _ = train_ddpm.parse_config([*map(str, TINY_MODEL), "--seed", "0", "--learning_rate", "1e-3",
-                                      "--lr_scheduler", "linear", "--lr_warmup_steps", "0", "--output_dir",
-                                      str(tmp_path)])
-    parts = train_ddpm.build_training(cfg, accelerator, 3, total_steps=10)
+                                      "--lr_scheduler", "linear", "--lr_warmup_steps", "0", "--max_train_steps", "10",
+                                      "--output_dir", str(tmp_path)])
+    run = config.resolve(cfg, count_parameters, channels=3)
+    cfg = run.cfg
+    parts = train_ddpm.build_training(run, accelerator)
     window = train_ddpm.LogWindow(accelerator)
     batch = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     before = [p.detach().clone() for p in parts.unet.parameters()]
@@ -292,7 +314,7 @@ def test_fp16_overflow_skips_are_not_nonfinite_and_advance_neither_lr_nor_ema(tm
 
 
 def test_checkpoint_weights_drop_the_names_of_wrappers():
-    from checkpoint import strip_wrapper_prefixes
+    from model import strip_wrapper_prefixes
 
     weights = {"_orig_mod.module.conv_in.weight": 1, "module.up_blocks.0.module.x": 2, "conv_out.bias": 3}
     assert strip_wrapper_prefixes(weights) == {"conv_in.weight": 1, "up_blocks.0.module.x": 2, "conv_out.bias": 3}

@@ -1,7 +1,7 @@
 """Every dataset a user already has: Hugging Face datasets (a save_to_disk folder, parquet files through
 load_dataset, Hub ids), ZIP archives read in place, phone photos upright, and a cache that does not grow.
-Offline: every test builds its own data, and the Hub is unreachable. One CLI training run per kind of source;
-the rest in-process."""
+Offline: every test builds its own data, and the Hub is unreachable. One training run per kind of source, in-process
+(train_ddpm.main), and unit tests for the rest."""
 
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ from PIL import Image
 import dataset
 import train_ddpm
 from config import Config
-from conftest import ROOT, TINY_RUN, make_image_folder, run_cli
-from test_bad_input import assert_user_error, call
+from conftest import ROOT, TINY_RUN, assert_user_error, call, load_cached, make_image_folder
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -134,39 +133,39 @@ def data_line(output: str) -> str:
     return next(line for line in output.splitlines() if line.startswith("data: "))
 
 
-def train(tmp_path: Path, *args) -> tuple[str, Path]:
-    """A two-step CLI training run; returns what it printed and its output folder."""
+def train(tmp_path: Path, capsys, *args) -> tuple[str, Path]:
+    """A two-step training run (train_ddpm.main in-process); returns what it printed and its output folder."""
     out = tmp_path / "out"
-    proc = run_cli("train_ddpm.py", *TINY_RUN, "--max_train_steps", 2, "--data_dir", tmp_path / "data",
-                   "--output_dir", out, *args)
-    assert "Traceback" not in proc.stderr
+    result = call(train_ddpm.main, [*TINY_RUN, "--max_train_steps", 2, "--data_dir", tmp_path / "data",
+                                    "--output_dir", out, *args], capsys)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert (out / "final_model" / "model_index.json").exists()
-    return proc.stdout + proc.stderr, out
+    return result.stdout + result.stderr, out
 
 
 # ---------------------------------------------------------------------------------------------------
-# One training run per kind of source, through the CLI
+# One training run per kind of source
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_a_save_to_disk_folder_trains(hf_data, tmp_path):
-    output, _ = train(tmp_path, "--dataset_name", hf_data["saved"])
+def test_a_save_to_disk_folder_trains(hf_data, tmp_path, capsys):
+    output, _ = train(tmp_path, capsys, "--dataset_name", hf_data["saved"])
     assert data_line(output) == (f"data: {hf_data['saved']} (split train, column image): 12 images at 16px, 3 "
                                  f"channels (colour images such as row 0), 0 skipped; random flips off")
     assert "training on 12 images" in output
 
 
-def test_parquet_files_train_through_load_dataset_and_greyscale_stays_one_channel(hf_data, tmp_path):
+def test_parquet_files_train_through_load_dataset_and_greyscale_stays_one_channel(hf_data, tmp_path, capsys):
     pattern = f"{hf_data['grey_parquet']}/*.parquet"
-    output, out = train(tmp_path, "--dataset_name", "parquet", "--dataset_path", pattern)
+    output, out = train(tmp_path, capsys, "--dataset_name", "parquet", "--dataset_path", pattern)
     assert data_line(output).startswith(f"data: parquet files {pattern} (split train, column image): 11 images at "
                                         f"16px, 1 channel (every image is greyscale")
     assert json.loads((out / "final_model" / "unet" / "config.json").read_text())["in_channels"] == 1
 
 
-def test_a_zip_trains_and_skips_its_corrupt_member(tmp_path):
+def test_a_zip_trains_and_skips_its_corrupt_member(tmp_path, capsys):
     archive = make_zip(tmp_path / "images.zip", make_image_folder(tmp_path / "images", count=8))
-    output, _ = train(tmp_path, "--dataset_name", "custom", "--dataset_path", archive)
+    output, _ = train(tmp_path, capsys, "--dataset_name", "custom", "--dataset_path", archive)
     warning = next(line for line in output.splitlines() if line.startswith("warning:"))
     assert f"skipped 1 of 10 images in {archive}" in warning and "sub/broken.png" in warning
     assert data_line(output) == (f"data: {archive}: 9 images at 16px, 3 channels (colour images such as img01.png), "
@@ -180,14 +179,14 @@ def test_a_zip_trains_and_skips_its_corrupt_member(tmp_path):
 
 
 def test_hf_sources_cache_the_plain_pipelines_pixels_upright(hf_data, tmp_path):
-    saved = dataset.load_dataset(config_for(hf_data["saved"], tmp_path / "data"), progress=False)
-    parquet = dataset.load_dataset(config_for("parquet", tmp_path / "data", dataset_path=str(hf_data["parquet"])),
+    saved = load_cached(config_for(hf_data["saved"], tmp_path / "data"), progress=False)
+    parquet = load_cached(config_for("parquet", tmp_path / "data", dataset_path=str(hf_data["parquet"])),
                                    progress=False)
     assert torch.equal(cached(saved), cached(parquet)) and len(saved) == 12
     plain = torch.stack([dataset.plain_transform(16, 3)(image) for image in colour_images(11)])
     torch.testing.assert_close(dataset.to_model_input(cached(saved)[:11], random_flip=False), plain, atol=1e-6, rtol=0)
     assert_upright(saved[11])
-    test_split = dataset.load_dataset(config_for(hf_data["saved"], tmp_path / "data", dataset_split="test"),
+    test_split = load_cached(config_for(hf_data["saved"], tmp_path / "data", dataset_split="test"),
                                       progress=False)
     assert torch.equal(cached(test_split), cached(saved)[:4])
 
@@ -196,8 +195,8 @@ def test_zip_members_cache_as_the_same_files_in_a_folder_do(tmp_path):
     folder = make_image_folder(tmp_path / "images", count=6)
     for deflate in (True, False):
         archive = make_zip(tmp_path / f"images-{deflate}.zip", folder, deflate=deflate)
-        cache = dataset.load_dataset(config_for("custom", tmp_path / "data", dataset_path=str(archive)), progress=False)
-        source = dataset.open_source(config_for("custom", tmp_path / "data", dataset_path=str(archive)))
+        cache = load_cached(config_for("custom", tmp_path / "data", dataset_path=str(archive)), progress=False)
+        source = dataset.open_source("custom", config_for("custom", tmp_path / "data", dataset_path=str(archive)).data)
         read = [m for i, m in enumerate(source.members) if i not in cache_meta(cache)["skipped"]]
         assert len(source.members) == 8 and len(read) == len(cache) == 7 and "sub/broken.png" not in read
         images = dict(zip(read, cached(cache)))
@@ -210,25 +209,25 @@ def test_a_phone_photo_in_a_folder_is_upright(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "phone.jpg").write_bytes(sideways_jpeg())
     assert Image.open(tmp_path / "photos" / "phone.jpg").size == (32, 16)  # stored sideways
-    cache = dataset.load_dataset(config_for("custom", tmp_path / "data", dataset_path=str(tmp_path / "photos")),
+    cache = load_cached(config_for("custom", tmp_path / "data", dataset_path=str(tmp_path / "photos")),
                                  progress=False)
     assert_upright(cache[0])
 
 
 def test_channels_for_hf_data_auto_and_as_asked(hf_data, tmp_path):
     grey = config_for("parquet", tmp_path / "data", dataset_path=str(hf_data["grey_parquet"]))
-    assert dataset.load_dataset(grey, progress=False)[0].shape == (1, 16, 16)
+    assert load_cached(grey, progress=False)[0].shape == (1, 16, 16)
     grey.data.num_channels = "3"
-    as_rgb = dataset.load_dataset(grey, progress=False)[0]
+    as_rgb = load_cached(grey, progress=False)[0]
     assert as_rgb.shape == (3, 16, 16) and torch.equal(as_rgb[0], as_rgb[1])
     colour = config_for(hf_data["saved"], tmp_path / "data", num_channels="1")
-    assert dataset.load_dataset(colour, progress=False)[0].shape == (1, 16, 16)
+    assert load_cached(colour, progress=False)[0].shape == (1, 16, 16)
 
 
 def test_zip_and_hf_sources_reach_loader_workers_as_small_pickles(hf_data, tmp_path):
     archive = make_zip(tmp_path / "images.zip", make_image_folder(tmp_path / "images", count=3))
     for cfg in (config_for("custom", tmp_path, dataset_path=str(archive)), config_for(hf_data["saved"], tmp_path)):
-        source = dataset.open_source(cfg)
+        source = dataset.open_source(cfg.training.dataset_name, cfg.data)
         source.read(0, 8, 3)  # the ZIP is open in this process now; a worker opens its own
         data = pickle.dumps(source)
         assert len(data) < 20_000  # paths of memory-mapped files, not the images
@@ -244,17 +243,17 @@ def test_a_changed_source_replaces_its_cache(hf_data, tmp_path):
     saved, data = tmp_path / "saved", tmp_path / "data"
     hf_dataset(count=5).save_to_disk(str(saved))
     archive = make_zip(tmp_path / "images.zip", make_image_folder(tmp_path / "images", count=4))
-    first = dataset.load_dataset(config_for(saved, data), progress=False)
-    zipped = dataset.load_dataset(config_for("custom", data, dataset_path=str(archive)), progress=False)
-    dataset.load_dataset(config_for(saved, data, num_channels="1"), progress=False)  # another slot: kept
+    first = load_cached(config_for(saved, data), progress=False)
+    zipped = load_cached(config_for("custom", data, dataset_path=str(archive)), progress=False)
+    load_cached(config_for(saved, data, num_channels="1"), progress=False)  # another slot: kept
     assert (len(first), len(zipped)) == (6, 5) and len(list((data / "cache").glob("*.npy"))) == 3
 
     shutil.rmtree(saved)
     hf_dataset(count=7, seed=3).save_to_disk(str(saved))  # a new fingerprint
     with zipfile.ZipFile(archive, "a") as zip_file:
         zip_file.writestr("more/extra.png", (tmp_path / "images" / "img01.png").read_bytes())
-    assert len(dataset.load_dataset(config_for(saved, data), progress=False)) == 8
-    assert len(dataset.load_dataset(config_for("custom", data, dataset_path=str(archive)), progress=False)) == 6
+    assert len(load_cached(config_for(saved, data), progress=False)) == 8
+    assert len(load_cached(config_for("custom", data, dataset_path=str(archive)), progress=False)) == 6
     assert not first.path.exists() and not first.path.with_suffix(".json").exists() and not zipped.path.exists()
     assert len(list((data / "cache").glob("*.npy"))) == len(list((data / "cache").glob("*.json"))) == 3
     assert not list((data / "cache").glob("*partial*"))

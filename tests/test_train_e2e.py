@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-import imageio.v3 as iio
 import numpy as np
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import inference
 import train_ddpm
 from conftest import EPOCHS, STEPS_PER_EPOCH, TINY_RUN, run_cli
 
@@ -20,9 +20,7 @@ def test_training_writes_every_output_the_readme_lists(trained_run):
         assert (out / name).exists(), name
     assert not (out / "checkpoint-epoch-1").exists()  # save_model_epochs 2
     assert not list(out.rglob("*.partial")), "no temporary files may be left behind"
-    grid = Image.open(out / "final_samples.png")
-    assert grid.size == (2 + 2 * (256 + 2), 2 + 2 * (256 + 2))  # 4 previews of 16 px, shown at 16x in a 2x2 grid
-    assert "done: 6 steps" in proc.stdout
+    assert "done: 6 steps" in proc.stdout  # the grids' sizes: test_display
 
 
 def test_final_model_is_a_diffusers_pipeline_with_the_resolved_config(trained_run):
@@ -71,48 +69,19 @@ def test_inference_generates_images_addressed_by_seed(trained_run, tmp_path):
     assert Image.open(dest / "grid.png").size == (2 + 3 * 258, 2 + 2 * 258)  # 3 per row, 2 rows, shown at 16x
 
 
-def test_inference_interpolation_writes_frames_strip_and_gif(trained_run, tmp_path):
-    out, _ = trained_run
-    dest = tmp_path / "interp"
-    run_cli("inference.py", "--model_path", out / "final_model", "--interpolate", "--interp_steps", 6,
-            "--num_inference_steps", 5, "--start_seed", 0, "--end_seed", 1000, "--output_dir", dest)
-    frames = sorted(dest.glob("frame_*.png"))
-    assert len(frames) == 6
-    gif = iio.imread(dest / "interpolation.gif", index=None)
-    assert gif.shape[:3] == (6, 256, 256)
-    assert iio.immeta(dest / "interpolation.gif")["loop"] == 0
-    assert Image.open(dest / "interpolation_strip.png").size == (2 + 6 * 258, 258 + 2)
-    manifest = json.loads((dest / "manifest.json").read_text())
-    assert manifest["num_inference_steps"] == 5 and manifest["num_inference_steps_default"] is False
-
-
 def test_interpolation_is_smooth_on_a_briefly_trained_model(image_folder, tmp_path):
     out = tmp_path / "run"
     run_cli("train_ddpm.py", *TINY_RUN, "--dataset_name", "custom", "--dataset_path", image_folder, "--data_dir",
             tmp_path / "data", "--output_dir", out, "--max_train_steps", 60, "--learning_rate", "2e-3",
             "--lr_scheduler", "constant", "--logging_steps", 20, "--save_image_epochs", 100)
-    dest = tmp_path / "interp"
-    run_cli("inference.py", "--model_path", out / "final_model", "--interpolate", "--interp_steps", 6,
-            "--num_inference_steps", 10, "--output_dir", dest)
+    dest = tmp_path / "interp"  # in-process: a new process would add only its imports
+    assert inference.main([str(a) for a in ("--model_path", out / "final_model", "--interpolate", "--interp_steps",
+                                            6, "--num_inference_steps", 10, "--output_dir", dest)]) == 0
     pixels = [np.asarray(Image.open(f), dtype=np.float64) for f in sorted(dest.glob("frame_*.png"))]
     neighbours = [np.abs(a - b).mean() for a, b in zip(pixels, pixels[1:])]
     # A straight path would give 1/5 of the endpoint distance; independent images would give about 1.
     assert np.mean(neighbours) < 0.5 * np.abs(pixels[0] - pixels[-1]).mean()
     assert min(neighbours) > 0, "no frame is a copy of its neighbour"
-
-
-def test_mnist_through_the_real_torchvision_loader(mnist_dir, tmp_path):
-    from diffusers import UNet2DModel
-
-    out = tmp_path / "mnist"
-    proc = run_cli("train_ddpm.py", *TINY_RUN, "--dataset_name", "mnist", "--data_dir", mnist_dir, "--output_dir", out,
-            "--max_train_steps", 2, "--no_use_ema", "--mixed_precision", "fp16")
-    assert "notice: mixed_precision fp16 needs a GPU; training in fp32" in proc.stdout
-    unet = UNet2DModel.from_pretrained(out / "final_model" / "unet")
-    assert unet.config.in_channels == unet.config.out_channels == 1  # follows the data
-    assert Image.open(out / "sample_training_data.png").mode == "L"  # greyscale data, greyscale grid
-    cache = list((mnist_dir / "cache").glob("mnist-16px-*.npy"))
-    assert len(cache) == 1
 
 
 def test_dry_run_prints_the_resolved_config_and_does_nothing(image_folder, tmp_path, capsys):

@@ -1,0 +1,97 @@
+"""Writing files and folders whole or not at all, and reading the small JSON files the toolkit writes.
+
+Every file the toolkit writes (images, JSON, caches, statistics) goes through atomic_file, and every folder it
+replaces (checkpoints, final_model/, best_model/) through replace_folder. Temporary names carry the host name and
+the process id: processes on several machines may share one output folder on a network file system, where
+containers often have the same process ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Iterator
+
+from config import UserError
+
+PARTIAL = ".partial"  # the suffix of everything not yet complete: never read, and cleared before a new attempt
+
+
+def temp_path(path: Path) -> Path:
+    """A temporary name beside `path`, unique to this machine and process."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}{PARTIAL}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path} ({e}); is it a folder written by train_ddpm.py?") from None
+
+
+def partial_folder(path: Path) -> Path:
+    """Where a folder is written before replace_folder moves it into place (the same name for every process of a
+    run, so that all of them can write into it)."""
+    return path.with_name(path.name + PARTIAL)
+
+
+def replace_folder(complete: Path, path: Path) -> None:
+    """Move a complete folder to `path`, replacing what is there: the old folder is renamed aside first, then the
+    new one into place, then the old one deleted. A crash at any moment leaves a whole folder, new or old, under
+    `path` or beside it (`path`.old), never a half-written one under `path`."""
+    aside = path.with_name(path.name + ".old")
+    shutil.rmtree(aside, ignore_errors=True)
+    if path.exists():
+        os.replace(path, aside)
+    os.replace(complete, path)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; it replaces `path` (replace_folder) only if the block
+    succeeds. For folders one process writes (final_model/, best_model/)."""
+    path = Path(path)
+    tmp = partial_folder(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def writable_folder(folder: str | os.PathLike, flag: str = "--output_dir") -> Path:
+    """Create the folder if needed and check that files can be written in it; a UserError naming the flag if
+    not."""
+    out = Path(folder).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out / ".write-test") as probe:
+            probe.touch()
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise UserError(f"{flag.lstrip('-')} {out} is not writable ({e.strerror}); pass a writable {flag}") from None
+    return out

@@ -1,0 +1,160 @@
+"""The UNet and its noise schedule: built from the config, saved as a diffusers pipeline, and loaded back from
+anything a user may point at (final_model/, best_model/, a checkpoint, a folder holding unet/, a Hub id).
+
+load_model is the one loader of train_ddpm.py (--pretrained_model_path), inference.py and evaluate.py
+(--model_path), with one set of error messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from config import ModelConfig, SchedulerConfig, UserError
+
+WRAPPER_PREFIX = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DDP and torch.compile wrap a model under these names
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# The UNet2DModel settings that ModelConfig holds (the rest follow from the data: size and channels).
+ARCHITECTURE = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def build_unet(m: ModelConfig, image_size: int, channels: int):
+    from diffusers import UNet2DModel
+
+    try:
+        return UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels,
+                           layers_per_block=m.layers_per_block, block_out_channels=m.block_out_channels,
+                           down_block_types=m.down_block_types, up_block_types=m.up_block_types,
+                           attention_head_dim=m.attention_head_dim, norm_num_groups=m.norm_num_groups,
+                           dropout=m.dropout)
+    except ValueError as e:  # diffusers names the unknown block type
+        raise UserError(f"{e}; use block types such as DownBlock2D, AttnDownBlock2D / UpBlock2D, AttnUpBlock2D") from None
+
+
+def build_noise_scheduler(s: SchedulerConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**dataclasses.asdict(s))
+
+
+def count_parameters(m: ModelConfig, image_size: int, channels: int) -> int:
+    """The UNet's parameter count, built on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_unet(m, image_size, channels).parameters())
+
+
+def architecture(unet_config) -> dict:
+    """The ModelConfig fields of a UNet2DModel config (lists as tuples, as the config holds them)."""
+    return {name: tuple(unet_config[name]) if isinstance(unet_config[name], list) else unet_config[name]
+            for name in ARCHITECTURE}
+
+
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """`module.conv_in.weight` (DDP) or `_orig_mod.module.conv_in.weight` (compiled DDP) -> `conv_in.weight`."""
+    return {WRAPPER_PREFIX.sub("", key): value for key, value in state_dict.items()}
+
+
+def save_model(folder: Path, unet, noise_scheduler, record: dict) -> None:
+    """A diffusers DDPMPipeline (model_index.json, unet/, scheduler/; DDPMPipeline.from_pretrained loads it) and the
+    run's config.json, into a folder being written (files.atomic_folder, or a checkpoint's partial folder)."""
+    from diffusers import DDPMPipeline
+
+    from files import write_json
+
+    DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(folder)
+    write_json(folder / "config.json", record)
+
+
+@dataclasses.dataclass
+class SavedModel:
+    """A trained model as load_model finds it."""
+
+    unet: torch.nn.Module  # UNet2DModel, in eval mode, on the CPU
+    schedule: dict  # the trained DDPMScheduler's config: every sampler is built from it
+    record: Optional[dict] = None  # the config.json train_ddpm.py saved beside the weights (None: not ours)
+
+
+def load_model(path: str, flag: str = "--model_path", dtype: Optional[torch.dtype] = None) -> SavedModel:
+    """The UNet (in dtype; default float32) and trained schedule of:
+    - a diffusers DDPMPipeline folder: final_model/, best_model/ or a checkpoint-*/ (their EMA weights);
+    - a folder holding a diffusers unet/ (and scheduler/) without the pipeline's model_index.json;
+    - a checkpoint of older versions, without unet/: its training weights (model.safetensors) and config.json;
+    - a Hugging Face Hub id such as google/ddpm-cifar10-32.
+    Anything else is a UserError naming the flag."""
+    folder = Path(path).expanduser()
+    hint = "pass the final_model/ folder that train_ddpm.py writes"
+    if not folder.is_dir():
+        if not HUB_ID.fullmatch(path):
+            raise UserError(f"{flag} {path} does not exist; {hint}")
+        return _load_pipeline(path, flag, dtype, where="is not a local folder and could not be loaded from the "
+                                                        "Hugging Face Hub (no network?)")
+    if (folder / "model_index.json").exists():
+        try:
+            index = json.loads((folder / "model_index.json").read_text())
+        except (OSError, ValueError):  # unreadable or not JSON
+            index = None
+        if isinstance(index, dict) and index.get("_class_name") == "DDPMPipeline":
+            return _load_pipeline(str(folder), flag, dtype, where="could not be loaded")
+    elif (folder / "unet" / "config.json").exists():
+        return _load_parts(folder, dtype)
+    elif (folder / "model.safetensors").exists() and (folder / "config.json").exists():
+        return _load_old_checkpoint(folder, dtype)
+    raise UserError(f"{flag} {path} is not a diffusers DDPMPipeline folder (no DDPMPipeline model_index.json); pass "
+                    f"the final_model/ or a checkpoint-*/ folder that train_ddpm.py writes")
+
+
+def _record_beside(folder: Path) -> Optional[dict]:
+    try:
+        record = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "_provenance" in record else None
+
+
+def _load_pipeline(path: str, flag: str, dtype, where: str) -> SavedModel:
+    from diffusers import DDPMPipeline
+
+    try:
+        with warnings.catch_warnings():  # newer diffusers call it dtype, older ones know only torch_dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
+            pipeline = DDPMPipeline.from_pretrained(path, torch_dtype=dtype or torch.float32)
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{flag} {path} {where}: {e.__class__.__name__}: {reason}; pass the final_model/ folder "
+                        f"that train_ddpm.py writes") from None
+    folder = Path(path).expanduser()
+    return SavedModel(pipeline.unet.eval(), pipeline.scheduler.config,
+                      _record_beside(folder) if folder.is_dir() else None)
+
+
+def _load_parts(folder: Path, dtype) -> SavedModel:
+    """A folder holding a diffusers unet/ and maybe scheduler/ (the default DDPM schedule without one)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=dtype or torch.float32)
+    has_schedule = (folder / "scheduler" / "scheduler_config.json").exists()
+    schedule = DDPMScheduler.from_pretrained(folder / "scheduler") if has_schedule else DDPMScheduler()
+    return SavedModel(unet.eval(), schedule.config, _record_beside(folder))
+
+
+def _load_old_checkpoint(folder: Path, dtype) -> SavedModel:
+    """A checkpoint written before checkpoints held the EMA pipeline: the training weights, stored under DDP's
+    names by several processes, and the UNet's shape from its config.json."""
+    from safetensors.torch import load_file
+
+    import config as config_module
+
+    record = _record_beside(folder) or {}
+    saved = config_module.read_config_file(folder / "config.json", config_module.TRAINING_SECTIONS)
+    m = config_module.ModelConfig(**{name: saved.get(name, getattr(ModelConfig(), name)) for name in ARCHITECTURE})
+    s = config_module.SchedulerConfig(**{f.name: saved.get(f.name, getattr(SchedulerConfig(), f.name))
+                                         for f in dataclasses.fields(SchedulerConfig)})
+    unet = build_unet(m, saved.get("image_size", 64), record.get("_provenance", {}).get("channels", 3))
+    unet.load_state_dict(strip_wrapper_prefixes(load_file(folder / "model.safetensors")))
+    return SavedModel(unet.to(dtype or torch.float32).eval(), build_noise_scheduler(s).config, record or None)
