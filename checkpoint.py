@@ -31,18 +31,13 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(epoch|step)-(\d+)$")
 class Progress:
     """Where the run is. Saved as progress.json in every checkpoint."""
 
-    global_step: int = 0  # optimizer steps done, skipped ones included
+    global_step: int = 0  # optimizer steps done, skipped ones included: the LR schedule's and the EMA's position
     epoch: int = 0  # the current epoch, 0-based
     batches_in_epoch: int = 0  # micro-batches of the current epoch done (per process)
     nonfinite_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient (fp16 loss-scale search excluded)
-    skipped_steps: int = 0  # optimizer steps not applied, for any reason (NaN/inf, fp16 loss-scale overflow)
+    skipped_steps: int = 0  # optimizer steps that left the weights as they were (NaN/inf, fp16 loss-scale overflow)
     lr_segment: Optional[list] = None  # the LR curve in force: [start, warmup, peak, end] (see train_ddpm.LRCurve)
     lineage: list = dataclasses.field(default_factory=list)  # save sequence numbers of the checkpoints it grew from
-
-    @property
-    def applied_steps(self) -> int:
-        """Optimizer steps that changed the weights: the position of the LR schedule and of the EMA warm-up."""
-        return self.global_step - self.skipped_steps
 
     @classmethod
     def read(cls, checkpoint: Path) -> "Progress":

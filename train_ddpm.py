@@ -154,8 +154,8 @@ def build_training(run: Resolved, accelerator, pretrained=None) -> TrainingParts
         optimizer, fused = torch.optim.AdamW(trainable, fused=True, **adamw), True
     except RuntimeError:  # no fused kernel for this device: skipping a NaN step then costs a sync
         optimizer, fused = torch.optim.AdamW(trainable, **adamw), False
-    # Never prepared nor checkpointed: a pure function of the applied optimizer steps (LRCurve), stepped by
-    # train_step once per applied step whatever the accumulation or process count; resume sets its position.
+    # Never prepared nor checkpointed: a pure function of the optimizer steps (LRCurve), stepped by train_step once
+    # per optimizer step whatever the accumulation or process count; resume sets its position.
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, LRCurve(t.lr_scheduler, [0, t.lr_warmup_steps, 1.0,
                                                                                         run.total_steps]))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -184,7 +184,7 @@ def apply_settings_after_load(parts: TrainingParts, cfg: Config) -> None:
 
 
 class LRCurve:
-    """The LR multiplier at an applied optimizer step: over the segment [start, warmup, peak, end], a linear
+    """The LR multiplier at an optimizer step: over the segment [start, warmup, peak, end], a linear
     warm-up from 0 to `peak`, then the schedule's shape down to 0 at `end` (flat for the constant ones). The same
     numbers as diffusers' get_scheduler for a run's first segment; an extended run gets a new segment that starts
     where the LR is (extend), so its curve never jumps."""
@@ -208,7 +208,7 @@ class LRCurve:
         return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     def extend(self, step: int, end: int, warmup: int) -> Optional[str]:
-        """Move the end of the curve to `end` at applied step `step` without a jump; a notice, when it changes."""
+        """Move the end of the curve to `end` at optimizer step `step` without a jump; a notice, when it changes."""
         start, old_warmup, peak, old_end = self.segment
         if end == old_end or self.kind in ("constant", "constant_with_warmup") or step < start + old_warmup:
             self.segment[3] = end  # the curve so far does not depend on its end
@@ -224,7 +224,7 @@ class LRCurve:
 
 
 def set_lr_position(lr_schedule, step: int) -> None:
-    """Put the LR schedule at applied optimizer step `step` (after a resume), as if it had been stepped there."""
+    """Put the LR schedule at optimizer step `step` (after a resume), as if it had been stepped there."""
     lr_schedule.last_epoch = step
     lrs = [base * lr_schedule.lr_lambdas[0](step) for base in lr_schedule.base_lrs]
     for group, lr in zip(lr_schedule.optimizer.param_groups, lrs):
@@ -246,9 +246,10 @@ def min_snr_weights(noise_scheduler, cfg: Config, device: torch.device) -> Optio
 
 
 def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int):
-    """One micro-step: the diffusion loss and backward; every accumulation also a clipped AdamW step, and when
-    that step was applied, the LR schedule and the EMA. Returns the loss and, on optimizer steps, whether the step
-    was free of NaN/inf (an fp16 loss-scale overflow with a finite loss is the scaler's search, not a NaN step)."""
+    """One micro-step: the diffusion loss and backward; every accumulation also a clipped AdamW step, the LR schedule
+    and the EMA. Never waits for the GPU: every decision stays on the device. Returns the loss and, on optimizer steps,
+    whether the step was skipped (a NaN/inf gradient, or the fp16 loss scaler's search) and whether it was skipped for a
+    NaN/inf (an fp16 overflow with a finite loss is the scaler's search, not a NaN step); None on micro-steps."""
     seed_micro_step(seed, accelerator.device)
     model, optimizer, noise_scheduler = parts.model, parts.optimizer, parts.noise_scheduler
     clean = to_model_input(batch, cfg.data.random_flip)
@@ -272,18 +273,20 @@ def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int)
             finite = torch.isfinite(grad_norm)  # what the GradScaler or the fused AdamW below decide on
             if accelerator.scaler is None and parts.fused:
                 optimizer.optimizer.found_inf = (~finite).float()  # fused AdamW skips the step on the device
-        if accelerator.scaler is not None or parts.fused or finite is None or bool(finite):
-            optimizer.step()
+        if accelerator.scaler is not None or parts.fused or finite is None or bool(finite):  # bool: only without
+            optimizer.step()  # a fused AdamW for this device (none on some backends), where it costs a sync
         optimizer.zero_grad(set_to_none=True)
     if finite is None:
-        return loss.detach(), None
-    if bool(finite):  # a host sync per optimizer step: the LR and the EMA must not advance on a skipped step
-        parts.lr_schedule.step()
-        if parts.ema is not None:
-            parts.ema.step(parts.ema_params)
-    if accelerator.scaler is not None:
-        finite = finite | torch.isfinite(loss.detach())
-    return loss.detach(), finite
+        return loss.detach(), None, None
+    # A skipped step still advances the LR schedule and the EMA, as in diffusers' example and EDM: holding them back
+    # would need the flag on the host every step, a GPU sync. The weights did not change on such a step, so the EMA
+    # only averages them once more, and the LR moves on by one step of thousands.
+    parts.lr_schedule.step()
+    if parts.ema is not None:
+        parts.ema.step(parts.ema_params)
+    skipped = ~finite
+    nonfinite = skipped & ~torch.isfinite(loss.detach()) if accelerator.scaler is not None else skipped
+    return loss.detach(), skipped, nonfinite
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -429,13 +432,15 @@ def start_accelerator(run: Resolved, state, dataset):
     """Stage 4: the Accelerator (precision, accumulation, compile, TensorBoard) and this process's share of the
     data."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     t, out = run.cfg.training, Path(run.cfg.training.output_dir).expanduser()
     accelerator = Accelerator(
         cpu=state.device.type == "cpu", mixed_precision=run.precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps, log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # The batch copy does not wait for the GPU (from pinned memory, pin_memory below).
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
         step_scheduler_with_optimizer=False, dynamo_backend="inductor" if run.compile else "no")
     loader, order = make_dataloader(dataset, t.train_batch_size, run.num_processes, t.seed,
                                     run.cfg.data.dataloader_num_workers, pin_memory=state.device.type == "cuda")
@@ -469,8 +474,8 @@ def resume(accelerator, parts: TrainingParts, run: Resolved, checkpoint: Path) -
     else:  # a checkpoint older than lr_segment: its run's one curve, which ended where that run was to end
         saved_run = read_json(checkpoint / "config.json")["training"]
         curve.segment[3] = saved_run["max_train_steps"] or saved_run["num_epochs"] * run.steps_per_epoch
-    notices.append(curve.extend(progress.applied_steps, run.total_steps, t.lr_warmup_steps))
-    set_lr_position(parts.lr_schedule, progress.applied_steps)
+    notices.append(curve.extend(progress.global_step, run.total_steps, t.lr_warmup_steps))
+    set_lr_position(parts.lr_schedule, progress.global_step)
     for line in filter(None, notices):
         if main:
             print(line)
@@ -547,12 +552,12 @@ def train(cfg: Config) -> int:
 
     # --- 7. The loop ---------------------------------------------------------------------------------
     def save(name: str) -> Path:
-        progress.skipped_steps = progress.global_step - parts.lr_schedule.last_epoch
+        progress.skipped_steps = window.skipped_steps()
         progress.lr_segment = parts.lr_schedule.lr_lambdas[0].segment
         return save_checkpoint(accelerator, out, name, progress, record, pipeline, t.checkpoints_total_limit)
 
     signals = StopSignal()
-    window = LogWindow(accelerator)
+    window = LogWindow(accelerator, skipped_before=progress.skipped_steps)
     estimated = False  # whether the time to the end was estimated yet (once, from the first logged steps)
     bar = tqdm(total=total_steps, initial=progress.global_step, desc="training", unit="step", disable=not main)
     stop_reason: Optional[str] = None
@@ -562,10 +567,10 @@ def train(cfg: Config) -> int:
         skip = progress.batches_in_epoch  # after a resume: batches of this epoch already trained on, not loaded
         for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
             seed = step_seed(t.seed, progress.epoch, progress.batches_in_epoch, accelerator.process_index)
-            loss, finite = train_step(batch, parts, accelerator, cfg, seed)
+            loss, skipped, nonfinite = train_step(batch, parts, accelerator, cfg, seed)
             progress.batches_in_epoch += 1
-            window.add(loss, finite)
-            if finite is None:  # a micro-step inside gradient accumulation
+            window.add(loss, skipped, nonfinite)
+            if skipped is None:  # a micro-step inside gradient accumulation
                 continue
             progress.global_step += 1
             bar.update(1)
@@ -675,22 +680,29 @@ class Evaluation:
 
 
 class LogWindow:
-    """Loss and NaN/inf counts since the last log, kept on the device so steps never wait for the GPU."""
+    """Loss and NaN/inf counts since the last log, and skipped steps since the start, kept on the device so steps never
+    wait for the GPU: read at log steps (read) and saves (skipped_steps) only."""
 
-    def __init__(self, accelerator):
+    def __init__(self, accelerator, skipped_before: int = 0):
         self.accelerator = accelerator
         device = accelerator.device
         self.loss_sum = torch.zeros((), device=device)
         self.nonfinite = torch.zeros((), device=device)
         self.in_a_row = torch.zeros((), device=device)
+        self.skipped = torch.full((), skipped_before, device=device)  # on this process: the main one saves it
         self.batches, self.started = 0, time.perf_counter()
 
-    def add(self, loss: torch.Tensor, finite: Optional[torch.Tensor]) -> None:
+    def add(self, loss: torch.Tensor, skipped: Optional[torch.Tensor], nonfinite: Optional[torch.Tensor]) -> None:
         self.loss_sum += loss
         self.batches += 1
-        if finite is not None:
-            self.nonfinite += ~finite
-            self.in_a_row = (self.in_a_row + 1) * ~finite
+        if skipped is not None:
+            self.skipped += skipped
+            self.nonfinite += nonfinite
+            self.in_a_row = (self.in_a_row + 1) * nonfinite
+
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far (NaN/inf or the fp16 scaler's search): a sync, for saves only."""
+        return int(self.skipped)
 
     def read(self, signum: Optional[int], batch_size: int) -> dict:
         """Average over processes and reset the window (a collective: every process calls it together)."""

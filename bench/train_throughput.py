@@ -10,8 +10,7 @@ alternate (plain, ours, ours, plain, ...) so drifting load on a shared machine h
 synchronized before the clock is read; img/s is the median over runs.
   plain: the step of diffusers' examples/unconditional_image_generation/train_unconditional.py, written out.
   ours:  train_ddpm.train_step with train_ddpm.train's set-up (fused AdamW, foreach EMA, channels_last on CUDA,
-         uint8 batches through dataset.to_model_input, one host sync per optimizer step: whether it was
-         applied, so that a skipped step advances neither the LR nor the EMA; the loss read every --logging_steps).
+         uint8 batches through dataset.to_model_input, no host sync but the loss read every --logging_steps).
 --ablate adds the plain loop with one technique switched on at a time. --full_run also runs train_ddpm.py as a
 subprocess fed by the real dataset code and reports its TensorBoard train/img_per_s beside the two loops.
 """
@@ -122,9 +121,10 @@ def setup_ours(run, cpu, images):
     batch = images.to(accelerator.device)  # uint8, as the prepared loader delivers it
 
     def step(i):
-        loss, finite = train_step(batch, parts, accelerator, cfg, step_seed(t.seed, 0, i, accelerator.process_index))
-        window.add(loss, finite)
-        if finite is not None and (i + 1) % t.logging_steps == 0:
+        loss, skipped, nonfinite = train_step(batch, parts, accelerator, cfg,
+                                              step_seed(t.seed, 0, i, accelerator.process_index))
+        window.add(loss, skipped, nonfinite)
+        if skipped is not None and (i + 1) % t.logging_steps == 0:
             stats = window.read(None, t.train_batch_size)  # the loop's only host sync
             accelerator.log({"train/loss": stats["loss"], "train/lr": parts.lr_schedule.get_last_lr()[0],
                              "train/img_per_s": stats["img_per_s"]}, step=i)
