@@ -36,7 +36,7 @@ sys.path.insert(0, sys.argv[1])
 import train_ddpm
 from dataset import load_dataset
 cfg, _ = train_ddpm.parse_config(sys.argv[2:])
-data = load_dataset(cfg, progress=False)
+data = load_dataset(cfg.training.dataset_name, cfg.training.image_size, cfg.data, progress=False)
 for start in range(0, len(data), 1000):
     data.__getitems__(list(range(start, min(start + 1000, len(data)))))
 time.sleep(1.0)
@@ -99,13 +99,15 @@ def measure(command: list[str], marker: str, env: dict) -> dict[str, float]:
             "peak_sum_rss_mb": peak_sum_rss * mb, "peak_sum_pss_mb": peak_sum_pss * mb}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--code", type=Path, default=ROOT, help="the checkout whose train_ddpm.py is measured")
     parser.add_argument("--images", type=int, default=60000)
     parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts to measure")
+    parser.add_argument("--runs", nargs="+", choices=["touch", "train"], default=["touch", "train"], help="what to run")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ddpm-memory-bench")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     data_dir = args.work / "data"
     if not (data_dir / "MNIST").exists():
         write_mnist(data_dir, args.images)
@@ -118,15 +120,17 @@ def main() -> None:
     print(f"code {args.code}; cache {cache.name}: {cache.stat().st_size / 2**20:.0f} MB")
     script = args.work / "touch_dataset.py"
     script.write_text(TOUCH)
-    for processes in (1, 2):
+    for processes in args.processes:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-        touch = measure([*launcher, str(script), str(args.code), *TINY_MODEL, *data], str(script), env)
         out = args.work / f"run-{processes}"
-        train = measure([*launcher, str(args.code / "train_ddpm.py"), *TINY_MODEL, *data, "--output_dir", str(out),
-                         "--overwrite_output_dir", "--max_train_steps", "3", "--train_batch_size", "4",
-                         "--num_preview_images", "4", "--sample_num_inference_steps", "2", "--logging_steps", "1",
-                         "--dataloader_num_workers", "0"], str(args.code / "train_ddpm.py"), env)
-        for name, result in (("touch", touch), ("train", train)):
+        commands = {
+            "touch": ([*launcher, str(script), str(args.code), *TINY_MODEL, *data], str(script)),
+            "train": ([*launcher, str(args.code / "train_ddpm.py"), *TINY_MODEL, *data, "--output_dir", str(out),
+                       "--overwrite_output_dir", "--max_train_steps", "3", "--train_batch_size", "4",
+                       "--num_preview_images", "4", "--sample_num_inference_steps", "2", "--logging_steps", "1",
+                       "--dataloader_num_workers", "0"], str(args.code / "train_ddpm.py"))}
+        for name in args.runs:
+            result = measure(*commands[name], env)
             print(f"{processes} process(es), {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in result.items()))
 
 

@@ -1,27 +1,40 @@
-"""Image quality at equal budget: our toolkit's CLIs against the plain diffusers training loop, on real data.
+"""Image quality at equal budget: our toolkit's CLIs against the plain diffusers loop and two strong recipes.
 
-    python bench/quality.py                          # 3,000 steps, seed 0 (about 10 min a side on 2 cores)
+    python bench/quality.py                          # 3,000 steps, seed 0, every side
     python bench/quality.py --steps 1000 --seeds 0 1
     python bench/quality.py --steps 1000 --label lr6e-4 --ours_args "--learning_rate 6e-4 --lr_warmup_steps 100"
 
-Both sides train the same UNet (two levels, 32 and 64 channels, attention at 8x8) with the same batch and number
-of optimizer steps on the same folder (default ../shared/data/glyphs16: 5,772 greyscale 16x16 letters, one folder
-per letter), then draw --num_samples images with DDIM, 50 steps.
+Every side trains for the same number of optimizer steps at the same batch on the same folder (default
+../shared/data/glyphs16: 5,772 greyscale 16x16 letters, one folder per letter), then draws --num_samples images
+with about 50 network evaluations each.
   ours:  the real `train_ddpm.py` and `inference.py` CLIs, given only data, image size, model, batch, steps and
-         seed (plus --ours_args when a candidate is tried); every other setting is the default a user gets.
+         seed (plus --ours_args when a candidate is tried, and --sampler_args); every other setting is the default
+         a user gets. The UNet: two levels, 32 and 64 channels, attention at 8x8 (1.0M parameters).
   plain: the loop of diffusers' examples/unconditional_image_generation/train_unconditional.py, written out here:
          AdamW 1e-4 (betas 0.95/0.999, weight decay 1e-6), cosine LR with 500 warm-up steps, clip 1.0, no EMA,
-         no flips, images read as 1 channel; sampled with diffusers' DDIMPipeline.
+         no flips, images read as 1 channel, our UNet; sampled with diffusers' DDIMPipeline, 50 steps.
+  lucid: lucidrains' denoising-diffusion-pytorch 2.3.4 with its defaults (its Trainer: Adam 1e-4, EMA 0.995 every
+         10 steps; GaussianDiffusion: pred_v, sigmoid schedule), its Unet(dim 32, dim_mults 1,2, 0.83M
+         parameters), 1 channel, no flips; its DDIM, 50 steps. A bench-only package, installed by this script
+         with pip --no-deps (plus what it imports) into OUT/packages, never into requirements.txt.
+  edm:   the EDM recipe of Karras et al. (2022, NVlabs/edm), written out here on our UNet: preconditioning
+         (sigma_data 0.5, c_skip, c_out, c_in, c_noise = ln(sigma)/4), log-normal sigma (P_mean -1.2, P_std 1.2),
+         its loss weight, Adam 2e-3 ramped up over 5% of the steps, EMA half-life 0.05 x images seen; its Heun
+         sampler, 25 steps on the rho-7 schedule from sigma 80 to 0.002 (49 evaluations).
 Score: the Frechet distance between generated and real images in the penultimate features of a small CNN trained
 once on the folder's labels (cached; its held-out accuracy is printed), plus the mean top-1 confidence and the
 entropy of the predicted-class histogram (real data: about ln(classes)). Lower distance is better.
-The plain side's samples are cached per (steps, seed, samples, data): they do not depend on our code.
-Writes OUT/compare-*.png (plain left, ours right) and appends every score to OUT/results.jsonl.
+The reference sides' samples are cached per (side, steps, seed, samples, batch, data): they do not depend on our
+code. At 3,000 steps each reference side's ratio to plain is checked against the figures first measured for it
+(REFERENCE_RATIOS): a side far from its ratio is a bug in the side.
+Writes OUT/compare-*.png (the sides left to right: plain, lucid, edm, ours) and appends every score to
+OUT/results.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -40,6 +53,13 @@ sys.path.insert(0, str(ROOT))
 MODEL = dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
              up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=2)
 SAMPLER_STEPS = 50
+REFERENCE_SIDES = ("plain", "lucid", "edm")
+SIDES = (*REFERENCE_SIDES, "ours")
+# Each reference side's distance over plain's at 3,000 steps, as first measured (with another judge of the same
+# kind): a ratio more than REFERENCE_TOLERANCE times off means the side is not the recipe it claims to be.
+REFERENCE_RATIOS = {"lucid": 0.135, "edm": 0.031}
+REFERENCE_TOLERANCE = 1.6
+LUCID_PACKAGES = ("denoising-diffusion-pytorch==2.3.4", "ema-pytorch==0.8.3", "einops==0.8.2", "pytorch-fid==0.3.0")
 
 
 def parse_args(argv=None):
@@ -51,8 +71,11 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--image_size", type=int, default=16)
     p.add_argument("--num_samples", type=int, default=900)
-    p.add_argument("--sides", nargs="+", choices=["ours", "plain"], default=["ours", "plain"])
+    p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     p.add_argument("--ours_args", default="", help="extra train_ddpm.py flags for our side (a candidate)")
+    p.add_argument("--sampler_args", default="--scheduler ddim --num_inference_steps 50",
+                   help="inference.py flags of our side's sampler (about 50 network evaluations a sample)")
+    p.add_argument("--jobs", type=int, default=2, help="training runs at the same time (each on --threads threads)")
     p.add_argument("--label", default="defaults", help="names our side's runs (one label per candidate)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads per side; both sides of a seed run at the same time")
@@ -60,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--reuse", action="store_true", help="score our side's existing samples instead of retraining")
     p.add_argument("--score", nargs="+", metavar="DIR",
                    help="only score these folders of generated images (inference.py outputs), e.g. other samplers")
-    p.add_argument("--worker", choices=["plain"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=REFERENCE_SIDES, help=argparse.SUPPRESS)
     p.add_argument("--worker_dir", help=argparse.SUPPRESS)
     p.add_argument("--worker_seed", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -230,20 +253,142 @@ def plain_worker(data: str, size: int, batch_size: int, steps: int, seed: int, n
     np.save(out / "samples.npy", np.concatenate(samples))
 
 
-def side_env(threads: int) -> dict:
+def scaled_images(data: str, size: int):
+    """The folder's images as float [N, 1, S, S] in [-1, 1] (ToTensor + Normalize(0.5, 0.5))."""
+    import torch
+
+    images, _, _ = load_labelled(data, size)
+    return torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
+
+
+def edm_worker(data: str, size: int, batch_size: int, steps: int, seed: int, num_samples: int, out: Path) -> None:
+    """The EDM recipe (Karras et al. 2022; NVlabs/edm training/loss.py, training_loop.py, generate.py) on our UNet,
+    written out; writes samples.npy."""
+    import torch
+    from diffusers import UNet2DModel
+    from tqdm.auto import tqdm
+
+    sigma_data, p_mean, p_std = 0.5, -1.2, 1.2
+    torch.manual_seed(seed)
+    net = UNet2DModel(sample_size=size, in_channels=1, out_channels=1, **MODEL)
+
+    def denoise(model, x, sigma):
+        """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise): EDM's preconditioning (its Table 1, EDMPrecond)."""
+        s = sigma.reshape(-1, 1, 1, 1)
+        c_skip = sigma_data ** 2 / (s ** 2 + sigma_data ** 2)
+        c_out = s * sigma_data / (s ** 2 + sigma_data ** 2).sqrt()
+        c_in = 1 / (sigma_data ** 2 + s ** 2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip * x + c_out * model((c_in * x).float(), c_noise.float().flatten()).sample.to(x.dtype)
+
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3, betas=(0.9, 0.999), eps=1e-8)
+    rampup_images = 0.05 * steps * batch_size  # lr_rampup_kimg: 5% of the run
+    loader = torch.utils.data.DataLoader(scaled_images(data, size), batch_size=batch_size, shuffle=True,
+                                         drop_last=True)
+    step, seen, bar = 0, 0, tqdm(total=steps, desc=f"edm seed {seed}", mininterval=10)
+    net.train()
+    while step < steps:
+        for y in loader:
+            sigma = (torch.randn(len(y)) * p_std + p_mean).exp()  # EDMLoss: log-normal noise levels
+            weight = ((sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2).reshape(-1, 1, 1, 1)
+            noisy = y + torch.randn_like(y) * sigma.reshape(-1, 1, 1, 1)
+            loss = (weight * (denoise(net, noisy, sigma) - y) ** 2).sum() / batch_size
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in optimizer.param_groups:  # linear LR ramp-up in images seen
+                group["lr"] = 2e-3 * min(seen / max(rampup_images, 1e-8), 1)
+            for param in net.parameters():
+                torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+            optimizer.step()
+            half_life = min(500_000, seen * 0.05)  # ema_halflife_kimg 500, ema_rampup_ratio 0.05
+            beta = 0.5 ** (batch_size / max(half_life, 1e-8))
+            with torch.no_grad():
+                for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                    p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+            seen += batch_size
+            step += 1
+            bar.update(1)
+            if step == steps:
+                break
+    bar.close()
+
+    @torch.no_grad()
+    def heun(latents, num_steps=25, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+        """EDM's deterministic sampler (its Algorithm 2 with S_churn 0): 2 * num_steps - 1 evaluations."""
+        i = torch.arange(num_steps, dtype=torch.float64)
+        t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+        t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+        x = latents.double() * t[0]
+        for k, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:])):
+            d_cur = (x - denoise(ema, x, t_cur.expand(len(x)))) / t_cur
+            x_next = x + (t_next - t_cur) * d_cur
+            if k < num_steps - 1:
+                d_prime = (x_next - denoise(ema, x_next, t_next.expand(len(x)))) / t_next
+                x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+            x = x_next
+        return x
+
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for start in range(0, num_samples, 150):
+        latents = torch.randn(min(150, num_samples - start), 1, size, size, generator=generator)
+        images = heun(latents)[:, 0]
+        samples.append((images * 127.5 + 128).clip(0, 255).to(torch.uint8).numpy())  # as EDM's generate.py
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "samples.npy", np.concatenate(samples))
+
+
+def lucid_worker(data: str, size: int, batch_size: int, steps: int, seed: int, num_samples: int, out: Path) -> None:
+    """lucidrains' denoising-diffusion-pytorch as its README trains a folder, with its defaults; writes
+    samples.npy. Imports the package from OUT/packages (see install_lucid)."""
+    import torch
+    from denoising_diffusion_pytorch import GaussianDiffusion, Trainer, Unet
+
+    torch.manual_seed(seed)
+    model = Unet(dim=32, dim_mults=(1, 2), channels=1)
+    diffusion = GaussianDiffusion(model, image_size=size, timesteps=1000, sampling_timesteps=SAMPLER_STEPS)
+    trainer = Trainer(diffusion, data, train_batch_size=batch_size, train_num_steps=steps,
+                      augment_horizontal_flip=False, calculate_fid=False, save_and_sample_every=10 ** 9,
+                      results_folder=str(out / "trainer"))
+    trainer.train()
+    sampler = trainer.ema.ema_model.eval()
+    torch.manual_seed(seed)
+    samples = []
+    with torch.inference_mode():
+        for start in range(0, num_samples, 150):
+            images = sampler.sample(batch_size=min(150, num_samples - start))[:, 0]  # [B, S, S] in [0, 1]
+            samples.append((images * 255).round().clamp(0, 255).to(torch.uint8).numpy())
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "samples.npy", np.concatenate(samples))
+
+
+WORKERS = {"plain": plain_worker, "lucid": lucid_worker, "edm": edm_worker}
+
+
+def install_lucid(out: Path) -> Path:
+    """denoising-diffusion-pytorch and what it imports (but torch, accelerate, numpy, scipy, ..., which the toolkit
+    has), with pip --no-deps into OUT/packages: a bench-only dependency, kept out of the toolkit's environment."""
+    target = out / "packages"
+    if not (target / "denoising_diffusion_pytorch").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                        *LUCID_PACKAGES], check=True)
+    return target
+
+
+def side_env(threads: int, extra_path: Path | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                PYTHONUNBUFFERED="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path), env.get("PYTHONPATH")]))
     return env
 
 
-def start_plain(args, seed: int, run_dir: Path) -> subprocess.Popen:
-    command = [sys.executable, __file__, "--worker", "plain", "--worker_dir", str(run_dir), "--worker_seed", str(seed),
-               "--data", args.data, "--steps", str(args.steps), "--batch_size", str(args.batch_size),
-               "--image_size", str(args.image_size), "--num_samples", str(args.num_samples)]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(command, env=side_env(args.threads), stdout=open(run_dir / "log.txt", "w"),
-                            stderr=subprocess.STDOUT)
+def reference_command(args, side: str, seed: int, run_dir: Path) -> list[str]:
+    return [sys.executable, __file__, "--worker", side, "--worker_dir", str(run_dir), "--worker_seed", str(seed),
+            "--data", args.data, "--steps", str(args.steps), "--batch_size", str(args.batch_size),
+            "--image_size", str(args.image_size), "--num_samples", str(args.num_samples)]
 
 
 def ours_script(args, seed: int, run_dir: Path) -> str:
@@ -256,17 +401,43 @@ def ours_script(args, seed: int, run_dir: Path) -> str:
              "--output_dir", str(run_dir / "run"), "--data_dir", str(Path(args.out) / "data"),
              "--overwrite_output_dir", *shlex.split(args.ours_args)]
     sample = [sys.executable, str(ROOT / "inference.py"), "--model_path", str(run_dir / "run" / "final_model"),
-              "--num_images", str(args.num_samples), "--scheduler", "ddim", "--num_inference_steps",
-              str(SAMPLER_STEPS), "--batch_size", "150", "--output_dir", str(run_dir / "samples")]
+              "--num_images", str(args.num_samples), *shlex.split(args.sampler_args), "--batch_size", "150",
+              "--output_dir", str(run_dir / "samples")]
     return f"{shlex.join(train)} && {shlex.join(sample)}"
 
 
-def start_ours(args, seed: int, run_dir: Path) -> subprocess.Popen:
+def start_side(args, side: str, seed: int, run_dir: Path) -> subprocess.Popen:
+    """One side's training and sampling, in a subprocess of its own that logs to run_dir/log.txt."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    script = ours_script(args, seed, run_dir)
-    (run_dir / "command.sh").write_text(script + "\n")
-    return subprocess.Popen(["bash", "-c", script], env=side_env(args.threads), cwd=ROOT,
+    extra_path = install_lucid(Path(args.out)) if side == "lucid" else None
+    if side == "ours":
+        script = ours_script(args, seed, run_dir)
+        (run_dir / "command.sh").write_text(script + "\n")
+        command = ["bash", "-c", script]
+    else:
+        command = reference_command(args, side, seed, run_dir)
+    return subprocess.Popen(command, env=side_env(args.threads, extra_path), cwd=ROOT,
                             stdout=open(run_dir / "log.txt", "w"), stderr=subprocess.STDOUT)
+
+
+def run_all(args, jobs: list[tuple[str, int, Path]]) -> bool:
+    """Run the (side, seed, folder) jobs, at most --jobs at a time; False (with a message) if one fails."""
+    running: list[tuple[subprocess.Popen, str, int, Path]] = []
+    pending = list(jobs)
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            side, seed, run_dir = pending.pop(0)
+            running.append((start_side(args, side, seed, run_dir), side, seed, run_dir))
+        time.sleep(2)
+        for job in [j for j in running if j[0].poll() is not None]:
+            running.remove(job)
+            proc, side, seed, run_dir = job
+            if proc.returncode != 0:
+                for other in running:
+                    other[0].kill()
+                print(f"error: the {side} side failed (seed {seed}); see {run_dir / 'log.txt'}", file=sys.stderr)
+                return False
+    return True
 
 
 def read_samples(folder: Path, count: int) -> np.ndarray:
@@ -294,10 +465,10 @@ def grid(samples: np.ndarray, columns: int = 10, scale: int = 4) -> np.ndarray:
     return canvas.repeat(scale, 0).repeat(scale, 1)
 
 
-def save_side_by_side(plain: np.ndarray | None, ours: np.ndarray | None, path: Path) -> None:
+def save_side_by_side(samples: list[np.ndarray], path: Path) -> None:
     from PIL import Image
 
-    panels = [grid(s) for s in (plain, ours) if s is not None]
+    panels = [grid(s) for s in samples]
     gap = np.full((panels[0].shape[0], 24), 255, dtype=np.uint8)
     picture = np.concatenate([x for panel in panels for x in (panel, gap)][:-1], axis=1)
     Image.fromarray(picture).save(path)
@@ -308,9 +479,9 @@ def save_side_by_side(plain: np.ndarray | None, ours: np.ndarray | None, path: P
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.worker == "plain":
-        plain_worker(args.data, args.image_size, args.batch_size, args.steps, args.worker_seed, args.num_samples,
-                     Path(args.worker_dir))
+    if args.worker:
+        WORKERS[args.worker](args.data, args.image_size, args.batch_size, args.steps, args.worker_seed,
+                             args.num_samples, Path(args.worker_dir))
         return 0
     import torch
 
@@ -330,46 +501,60 @@ def main(argv=None) -> int:
             print(f"{folder}: distance {r['distance']:.1f}, confidence {r['confidence']:.3f}, class entropy "
                   f"{r['class_entropy']:.2f}")
         return 0
+    sides = [side for side in SIDES if side in args.sides]
+
+    def run_dir(side: str, seed: int) -> Path:
+        tag = f"steps{args.steps}-seed{seed}"
+        if side == "ours":
+            return out / f"ours-{args.label}" / tag
+        return out / side / f"{tag}-n{args.num_samples}-b{args.batch_size}-{data_key}"
+
+    def done(side: str, seed: int) -> bool:
+        if side == "ours":
+            return args.reuse and (run_dir(side, seed) / "samples" / "manifest.json").exists()
+        return (run_dir(side, seed) / "samples.npy").exists()
+
+    started = time.time()
+    todo = [(side, seed, run_dir(side, seed)) for seed in args.seeds for side in sides if not done(side, seed)]
+    if not run_all(args, todo):
+        return 1
+    minutes = (time.time() - started) / 60
     rows = []
     for seed in args.seeds:
         tag = f"steps{args.steps}-seed{seed}"
-        plain_dir = out / "plain" / f"{tag}-n{args.num_samples}-b{args.batch_size}-{data_key}"
-        ours_dir = out / f"ours-{args.label}" / tag
-        started = time.time()
-        jobs = {}
-        if "plain" in args.sides and not (plain_dir / "samples.npy").exists():
-            jobs["plain"] = start_plain(args, seed, plain_dir)
-        if "ours" in args.sides and not (args.reuse and (ours_dir / "samples" / "manifest.json").exists()):
-            jobs["ours"] = start_ours(args, seed, ours_dir)
-        for side, job in jobs.items():
-            if job.wait() != 0:
-                where = plain_dir if side == "plain" else ours_dir
-                print(f"error: the {side} side failed (seed {seed}); see {where / 'log.txt'}", file=sys.stderr)
-                return 1
-        minutes = (time.time() - started) / 60
-        samples = {}
-        if "plain" in args.sides:
-            samples["plain"] = np.load(plain_dir / "samples.npy")
-        if "ours" in args.sides:
-            samples["ours"] = read_samples(ours_dir / "samples", args.num_samples)
+        samples = {side: read_samples(run_dir(side, seed) / "samples", args.num_samples) if side == "ours"
+                   else np.load(run_dir(side, seed) / "samples.npy") for side in sides}
         row = {"seed": seed, "steps": args.steps, "label": args.label, "ours_args": args.ours_args,
-               "minutes": round(minutes, 1)}
+               "sampler_args": args.sampler_args, "minutes": round(minutes, 1)}
         for side, s in samples.items():
             row[side] = score(classifier, real_features, s)
-        save_side_by_side(samples.get("plain"), samples.get("ours"), out / f"compare-{args.label}-{tag}.png")
+        save_side_by_side(list(samples.values()), out / f"compare-{args.label}-{tag}.png")
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)
-        shown = "  ".join(f"{side}: distance {r['distance']:.1f}, confidence {r['confidence']:.3f}, class entropy "
-                          f"{r['class_entropy']:.2f}" for side, r in ((s, row[s]) for s in samples))
-        print(f"seed {seed}, {args.steps} steps ({minutes:.1f} min): {shown}")
-    if "plain" in args.sides and "ours" in args.sides:
-        plain = float(np.mean([r["plain"]["distance"] for r in rows]))
-        ours = float(np.mean([r["ours"]["distance"] for r in rows]))
-        per_seed = ", ".join(f"{r['ours']['distance'] / r['plain']['distance']:.3f}" for r in rows)
-        print(f"ratio ours/plain at {args.steps} steps ({args.label}): {ours / plain:.3f} "
-              f"(mean distance {ours:.1f} vs {plain:.1f}; per seed {per_seed})")
-    print(f"side-by-side grids (plain left, ours right): {out}/compare-{args.label}-steps{args.steps}-seed*.png")
+        print(f"seed {seed}, {args.steps} steps:")
+        for side in sides:
+            r = row[side]
+            versus = f"  ours/{side} {row['ours']['distance'] / r['distance']:.3f}" if "ours" in row and side != "ours" \
+                else ""
+            print(f"  {side:6s} distance {r['distance']:8.1f}  confidence {r['confidence']:.3f}  class entropy "
+                  f"{r['class_entropy']:.2f}{versus}")
+    mean = {side: float(np.mean([r[side]["distance"] for r in rows])) for side in sides}
+    if "ours" in sides:
+        for side in (s for s in sides if s != "ours"):
+            per_seed = ", ".join(f"{r['ours']['distance'] / r[side]['distance']:.3f}" for r in rows)
+            print(f"ratio ours/{side} at {args.steps} steps ({args.label}): {mean['ours'] / mean[side]:.3f} "
+                  f"(mean distance {mean['ours']:.1f} vs {mean[side]:.1f}; per seed {per_seed})")
+    if "plain" in sides:
+        for side, expected in REFERENCE_RATIOS.items():
+            if side not in sides:
+                continue
+            ratio = mean[side] / mean["plain"]
+            faithful = args.steps != 3000 or 1 / REFERENCE_TOLERANCE <= ratio / expected <= REFERENCE_TOLERANCE
+            verdict = ("first measured at 3,000 steps" if args.steps != 3000 else
+                       "faithful" if faithful else "NOT FAITHFUL: a bug in the side?")
+            print(f"reference check: {side}/plain {ratio:.3f} (expected {expected} at 3,000 steps; {verdict})")
+    print(f"side-by-side grids ({', '.join(sides)}, left to right): {out}/compare-{args.label}-steps{args.steps}-seed*.png")
     return 0
 
 

@@ -1,0 +1,106 @@
+"""Every benchmark script runs end to end on tiny settings and prints its table: a benchmark that no longer runs would
+waste the first GPU anyone gets. In-process where the script allows it (a new process costs only imports)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, save_tiny_pipeline
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import eval_throughput  # noqa: E402
+import memory  # noqa: E402
+import quality  # noqa: E402
+import sample_throughput  # noqa: E402
+import samplers  # noqa: E402
+import step_parts  # noqa: E402
+import train_throughput  # noqa: E402
+
+SCRIPTS = {"train_throughput": train_throughput, "sample_throughput": sample_throughput}
+
+
+@pytest.fixture(scope="module")
+def letters(tmp_path_factory):
+    """A labelled folder as bench/quality.py reads glyphs16: one sub-folder per class of 16x16 greyscale images (a
+    bar at a place of its own per class, shifted a little)."""
+    root = tmp_path_factory.mktemp("letters")
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("bar_top", "bar_middle", "bar_bottom")):
+        (root / name).mkdir()
+        for i in range(6):
+            image = np.zeros((16, 16), dtype=np.uint8)
+            row = 2 + 5 * label + rng.integers(0, 2)
+            image[row:row + 3, 2:14] = 255
+            Image.fromarray(image).save(root / name / f"{i}.png")
+    return root
+
+
+def test_train_throughput_and_a_full_run(capsys):
+    result = train_throughput.main(["--model", "tiny", "--device", "cpu", "--batch_size", "2", "--steps", "1",
+                                    "--repeats", "1", "--warmup", "1", "--full_run", "--full_steps", "2",
+                                    "--logging_steps", "1"])
+    out = capsys.readouterr().out
+    assert "ratio ours/plain" in out and "full train_ddpm.py run" in out
+    assert result["loops"]["ours"]["img_per_s"] > 0 and result["full_run"]["img_per_s"] > 0
+
+
+def test_sample_throughput(capsys):
+    result = sample_throughput.main(["--model", "tiny", "--device", "cpu", "--scheduler", "ddim", "--steps", "2",
+                                     "--batch_size", "2", "--repeats", "1", "--warmup_steps", "1"])
+    assert "ours" in capsys.readouterr().out and result["sides"]["ours"]["img_per_s"] > 0
+
+
+def test_step_parts(capsys):
+    result = step_parts.main(["--model", "tiny", "--device", "cpu", "--batch_size", "2", "--calls", "2"])
+    assert "forward+backward" in capsys.readouterr().out and result["parts_ms"]["AdamW step"]["ours"] > 0
+
+
+def test_eval_throughput(capsys, inception_weights):
+    eval_throughput.main(["--num_images", "2", "--reference_images", "2", "--batch_size", "2", "--steps", "2",
+                          "--inception_weights", str(inception_weights)])
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["generation_img_per_s"] > 0 and result["features_img_per_s"] > 0
+
+
+def test_memory(capsys, tmp_path):
+    memory.main(["--images", "64", "--image_size", "16", "--processes", "1", "--runs", "touch", "--work",
+                 str(tmp_path)])
+    out = capsys.readouterr().out
+    assert re.search(r"1 process\(es\), touch: processes_seen 1, peak_rss_per_process_mb \d+", out), out
+
+
+def test_quality_and_samplers(letters, tmp_path, capsys):
+    out = tmp_path / "quality"
+    assert quality.main(["--data", str(letters), "--steps", "2", "--num_samples", "6", "--batch_size", "4",
+                         "--sides", "plain", "edm", "ours", "--jobs", "3", "--out", str(out),
+                         "--sampler_args", "--scheduler ddim --num_inference_steps 2"]) == 0
+    printed = capsys.readouterr().out
+    for side in ("plain", "edm", "ours"):
+        assert re.search(rf"^  {side} +distance +\d", printed, re.M), printed
+    assert "ratio ours/plain at 2 steps" in printed and "reference check: edm/plain" in printed
+    assert (out / "compare-defaults-steps2-seed0.png").exists()
+    model = save_tiny_pipeline(tmp_path / "model", size=16, channels=1)
+    assert samplers.main(["ddim:2", "heun:2:use_karras_sigmas=True", "--model_path", str(model), "--data",
+                          str(letters), "--num_samples", "4", "--batch_size", "4", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ddim:2 ") and " 2 evals " in lines[0] and "distance" in lines[0]
+    assert lines[1].startswith("heun:2:use_karras_sigmas=True ") and " 3 evals " in lines[1]
+
+
+def test_every_gpu_job_parses_with_its_script():
+    """bench/run_gpu.sh's jobs, read with each script's own argument parser: a renamed flag fails here, not on the
+    GPU."""
+    text = (ROOT / "bench" / "run_gpu.sh").read_text().replace("\\\n", " ")
+    jobs = [shlex.split(line)[4:] for line in text.splitlines() if line.startswith("job ")]
+    assert len(jobs) >= 7
+    for script, *args in jobs:
+        SCRIPTS[script.removeprefix("bench/").removesuffix(".py")].parse_args(args)
