@@ -77,6 +77,11 @@ class TrainingConfig:
     adam_epsilon: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # clip the gradient norm to this (0 turns clipping off)
     snr_gamma: Optional[float] = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023; bench/RESULTS.md); none: plain MSE
+    loss_weighting: Literal["min_snr", "edm"] = "min_snr"  # min_snr: by --snr_gamma; edm: Karras et al.'s lambda(sigma) with --sigma_data, the EDM loss on the model's x0
+    sigma_data: float = 0.5  # edm weighting: the data's standard deviation (EDM's 0.5 for images in [-1, 1])
+    timestep_sampling: Literal["uniform", "lognormal"] = "uniform"  # training timesteps: uniform, or lognormal: ln(sigma) ~ N(lognormal_mean, lognormal_std) as EDM draws its noise levels, sigma = sqrt((1 - alpha_bar) / alpha_bar), on the scheduler's own timesteps
+    lognormal_mean: float = -1.2  # lognormal timesteps: mean of ln(sigma) (EDM's P_mean)
+    lognormal_std: float = 1.2  # lognormal timesteps: standard deviation of ln(sigma) (EDM's P_std)
     mixed_precision: MixedPrecision = "auto"  # auto: bf16 on GPUs that have it, else fp16; fp32 on CPU
     compile: bool = False  # torch.compile the UNet (GPU only; first steps are slow while it compiles)
     seed: Optional[int] = None  # makes the run reproducible; None draws one and records it in config.json
@@ -463,7 +468,8 @@ def validate_training(cfg: Config) -> None:
     optional = [f.name for f in flags_of(*TRAINING_SECTIONS).values() if f.optional]
     _check_ranges(at_least, optional=optional,
                   positive=dict(learning_rate=t.learning_rate, adam_epsilon=t.adam_epsilon, beta_start=s.beta_start,
-                                snr_gamma=t.snr_gamma, ema_inv_gamma=t.ema_inv_gamma),
+                                snr_gamma=t.snr_gamma, ema_inv_gamma=t.ema_inv_gamma, sigma_data=t.sigma_data,
+                                lognormal_std=t.lognormal_std),
                   in_range=dict(lr_warmup_steps=(t.lr_warmup_steps, 0, None), display_size=(t.display_size, 0, None),
                                 adam_weight_decay=(t.adam_weight_decay, 0, None), adam_beta1=(t.adam_beta1, 0, 1),
                                 max_grad_norm=(t.max_grad_norm, 0, None), adam_beta2=(t.adam_beta2, 0, 1),

@@ -129,7 +129,8 @@ class TrainingParts:
     ema: Optional[object]  # diffusers EMAModel, or None
     noise_scheduler: object  # the DDPMScheduler that noises the training images
     ema_params: list = dataclasses.field(default_factory=list)  # unet's parameters, listed once
-    loss_weights: Optional[torch.Tensor] = None  # per timestep (min-SNR-gamma), on the device; None: plain MSE
+    loss_weights: Optional[torch.Tensor] = None  # per timestep (loss_weights()), on the device; None: plain MSE
+    sigma_boundaries: Optional[torch.Tensor] = None  # lognormal timesteps (lognormal_boundaries()); None: uniform
 
 
 def build_training(run: Resolved, accelerator, pretrained=None) -> TrainingParts:
@@ -169,7 +170,9 @@ def build_training(run: Resolved, accelerator, pretrained=None) -> TrainingParts
         accelerator.register_for_checkpointing(ema)
     noise_scheduler = build_noise_scheduler(cfg.scheduler)
     return TrainingParts(model, unet, optimizer, fused, lr_schedule, ema, noise_scheduler, list(unet.parameters()),
-                         min_snr_weights(noise_scheduler, cfg, accelerator.device))
+                         loss_weights(noise_scheduler, cfg, accelerator.device),
+                         lognormal_boundaries(noise_scheduler, accelerator.device)
+                         if t.timestep_sampling == "lognormal" else None)
 
 
 def apply_settings_after_load(parts: TrainingParts, cfg: Config) -> None:
@@ -232,17 +235,35 @@ def set_lr_position(lr_schedule, step: int) -> None:
     lr_schedule._last_lr = lrs
 
 
-def min_snr_weights(noise_scheduler, cfg: Config, device: torch.device) -> Optional[torch.Tensor]:
-    """min(SNR(t), gamma) / SNR(t) for epsilon targets (/(SNR(t) + 1) for v): less weight on the nearly clean
-    timesteps, whose loss is easy and whose gradients otherwise dominate (Hang et al. 2023)."""
+def loss_weights(noise_scheduler, cfg: Config, device: torch.device) -> Optional[torch.Tensor]:
+    """The loss weight of each timestep, on the device (None: plain MSE), for the UNet's target (epsilon or v):
+    - min_snr: min(SNR, gamma) / SNR for epsilon (/(SNR + 1) for v): less weight on the nearly clean timesteps, whose
+      loss is easy and whose gradients otherwise dominate (Hang et al. 2023);
+    - edm: Karras et al.'s lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 on the x0 error, written
+      for the target: with sigma^2 = 1 / SNR, x0's error is sigma times epsilon's and sigma / sqrt(1 + sigma^2) times
+      v's, so the weight is 1 + sigma^2 / sigma_data^2 on epsilon, (sigma_data^2 + sigma^2) / (sigma_data^2 (1 +
+      sigma^2)) on v (1 for sigma_data 1: v-prediction is EDM's loss for data of unit variance)."""
     from diffusers.training_utils import compute_snr
 
-    gamma = cfg.training.snr_gamma
-    if not gamma:
+    t = cfg.training
+    snr = compute_snr(noise_scheduler, torch.arange(noise_scheduler.config.num_train_timesteps)).double()
+    epsilon = cfg.scheduler.prediction_type == "epsilon"
+    if t.loss_weighting == "edm":
+        sigma2, data2 = 1 / snr, t.sigma_data ** 2
+        weights = 1 + sigma2 / data2 if epsilon else (data2 + sigma2) / (data2 * (1 + sigma2))
+    elif t.snr_gamma:
+        weights = snr.clamp(max=t.snr_gamma) / (snr if epsilon else snr + 1)
+    else:
         return None
-    snr = compute_snr(noise_scheduler, torch.arange(noise_scheduler.config.num_train_timesteps))
-    divisor = snr if cfg.scheduler.prediction_type == "epsilon" else snr + 1
-    return (snr.clamp(max=gamma) / divisor).float().to(device)
+    return weights.float().to(device)
+
+
+def lognormal_boundaries(noise_scheduler, device: torch.device) -> torch.Tensor:
+    """ln(sigma) half-way between neighbouring timesteps, sigma = sqrt((1 - alpha_bar) / alpha_bar) rising with t:
+    torch.bucketize of a drawn ln(sigma) into them gives the timestep nearest to it (on the device, no host sync)."""
+    alphas = noise_scheduler.alphas_cumprod.double()
+    log_sigma = 0.5 * torch.log((1 - alphas) / alphas)
+    return ((log_sigma[1:] + log_sigma[:-1]) / 2).float().to(device)
 
 
 def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int):
@@ -256,7 +277,12 @@ def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int)
     if clean.is_cuda:
         clean = clean.contiguous(memory_format=torch.channels_last)
     noise = torch.randn_like(clean)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+    if parts.sigma_boundaries is None:
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(clean),), device=clean.device)
+    else:  # EDM's log-normal noise levels, each on the nearest timestep
+        t = cfg.training
+        log_sigma = t.lognormal_mean + t.lognormal_std * torch.randn(len(clean), device=clean.device)
+        timesteps = torch.bucketize(log_sigma, parts.sigma_boundaries)
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)  # \sqrt{\bar\alpha_t} x_0 + \sqrt{1-\bar\alpha_t} eps
     target = noise if cfg.scheduler.prediction_type == "epsilon" else noise_scheduler.get_velocity(clean, noise, timesteps)
     finite = None

@@ -120,13 +120,13 @@ def test_min_snr_weights_are_on_by_default_and_down_weight_only_the_nearly_clean
     cfg, _ = train_ddpm.parse_config([])
     assert cfg.training.snr_gamma == 5.0
     scheduler = build_noise_scheduler(cfg.scheduler)
-    weights = train_ddpm.min_snr_weights(scheduler, cfg, torch.device("cpu"))
+    weights = train_ddpm.loss_weights(scheduler, cfg, torch.device("cpu"))
     alphas = scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
     torch.testing.assert_close(weights, (snr.clamp(max=5) / snr).float())  # min(SNR, gamma) / SNR, for epsilon
     assert weights[0] < 0.01 and weights[-1] == 1.0 and bool((weights[1:] >= weights[:-1]).all())
     cfg.training.snr_gamma = None
-    assert train_ddpm.min_snr_weights(scheduler, cfg, torch.device("cpu")) is None
+    assert train_ddpm.loss_weights(scheduler, cfg, torch.device("cpu")) is None
 
 
 def test_ddim_steps_on_the_papers_leading_timesteps_whatever_the_models_config():
@@ -139,3 +139,22 @@ def test_ddim_steps_on_the_papers_leading_timesteps_whatever_the_models_config()
         ddim = sampling.make_sampler("ddim", trained.config)
         ddim.set_timesteps(50)
         assert ddim.timesteps.tolist() == list(range(980, -1, -20))
+
+
+def test_edm_weighting_and_lognormal_timesteps_are_karras_et_al_on_the_ddpm_timesteps():
+    cfg, _ = train_ddpm.parse_config(["--loss_weighting", "edm", "--sigma_data", "0.5"])
+    scheduler = build_noise_scheduler(cfg.scheduler)
+    alphas = scheduler.alphas_cumprod.double()
+    sigma2 = (1 - alphas) / alphas
+    torch.testing.assert_close(train_ddpm.loss_weights(scheduler, cfg, torch.device("cpu")),
+                               (1 + sigma2 / 0.25).float())  # on epsilon: lambda(sigma) sigma^2
+    cfg.scheduler.prediction_type, cfg.training.sigma_data = "v_prediction", 1.0
+    assert torch.equal(train_ddpm.loss_weights(scheduler, cfg, torch.device("cpu")), torch.ones(1000))
+    boundaries = train_ddpm.lognormal_boundaries(scheduler, torch.device("cpu"))
+    log_sigma = 0.5 * torch.log(sigma2).float()
+    assert torch.equal(torch.bucketize(log_sigma, boundaries), torch.arange(1000)), "each sigma to its own timestep"
+    torch.manual_seed(0)
+    drawn = torch.bucketize(-1.2 + 1.2 * torch.randn(100_000), boundaries)
+    median = drawn.median().item()
+    assert abs(log_sigma[median].item() + 1.2) < 0.05  # EDM's P_mean
+    assert 0.6 < (drawn < 250).float().mean() < 0.95 and (drawn > 600).float().mean() < 0.01  # mid noise levels
