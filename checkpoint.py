@@ -109,16 +109,12 @@ def register_wrapper_free_weights(accelerator) -> None:
 
 @contextlib.contextmanager
 def ema_weights(ema, model) -> Iterator[None]:
-    """Swap the EMA weights into `model` for the block; the training weights come back untouched."""
+    """Swap the run's EMA weights (ema.PowerEMA) into `model` for the block; the training weights come back."""
     if ema is None:
         yield
         return
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
-    try:
+    with ema.swapped_in(model.parameters()):
         yield
-    finally:
-        ema.restore(model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------

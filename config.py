@@ -86,9 +86,8 @@ class TrainingConfig:
     compile: bool = False  # torch.compile the UNet (GPU only; first steps are slow while it compiles)
     seed: Optional[int] = None  # makes the run reproducible; None draws one and records it in config.json
     use_ema: bool = True  # keep an exponential moving average of the weights for sampling
-    ema_max_decay: float = 0.9999  # EMA decay once warmed up
-    ema_inv_gamma: float = 1.0  # EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power
-    ema_power: float = 0.75  # EMA warm-up power (3/4 suits short runs, 2/3 long ones)
+    ema_length: float = 0.10  # the EMA's length: the std of its averaging profile relative to the images seen (EDM2's sigma_rel; the same whatever the batch or process count)
+    ema_snapshots: int = 0  # keep this many snapshots of two EMAs (lengths 0.05 and 0.10) over the run, in output_dir/ema_snapshots/, to choose the EMA length after training (evaluate.py --ema_length); 0: none
     output_dir: str = "./results"  # where logs, samples, checkpoints and final_model/ go
     overwrite_output_dir: bool = False  # start afresh in an output_dir that already holds a run
     logging_steps: int = 10  # read the loss back and log it every N optimizer steps
@@ -199,6 +198,7 @@ class EvaluateConfig:
     save_images: bool = False  # also write each generated image as images/seed{N}.png (score them again with --images)
     inception_weights: Optional[str] = None  # torch-fidelity's Inception-v3 weights file, for offline machines; none: downloaded on first use
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # of the UNet; auto: fp16 on GPU, fp32 on CPU
+    ema_length: Optional[tuple[float, ...]] = None  # post-hoc EMA: rebuild the EMA of each length from the run's snapshots (train_ddpm.py --ema_snapshots), score each, save the best as output_dir/best_ema_model/; --model_path: the run's final_model/
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,6 +327,9 @@ def _build_parser(prog: str, description: str, table: dict[str, Flag], defaults:
 
 # What one invocation asks for rather than how to train: not read back from a config.json that training wrote.
 PER_RUN_FIELDS = ("resume_from_checkpoint", "overwrite_output_dir")
+# Fields of earlier versions that config.json files of their runs still hold: skipped when such a file is read. The
+# warm-up EMA's decay settings gave way to the EMA's length (ema_length).
+RETIRED_FIELDS = ("ema_max_decay", "ema_inv_gamma", "ema_power")
 
 
 def read_config_file(path: str | Path, sections: tuple[type, ...]) -> dict[str, object]:
@@ -346,6 +349,7 @@ def read_config_file(path: str | Path, sections: tuple[type, ...]) -> dict[str, 
         if key.startswith("_"):  # provenance that train_ddpm.py writes beside the config
             continue
         flat.update(value if isinstance(value, dict) and key not in table else {key: value})
+    flat = {key: value for key, value in flat.items() if not (written_by_training and key in RETIRED_FIELDS)}
     for key in flat:
         if key not in table:
             near = difflib.get_close_matches(key, list(table), n=1)
@@ -468,12 +472,12 @@ def validate_training(cfg: Config) -> None:
     optional = [f.name for f in flags_of(*TRAINING_SECTIONS).values() if f.optional]
     _check_ranges(at_least, optional=optional,
                   positive=dict(learning_rate=t.learning_rate, adam_epsilon=t.adam_epsilon, beta_start=s.beta_start,
-                                snr_gamma=t.snr_gamma, ema_inv_gamma=t.ema_inv_gamma, sigma_data=t.sigma_data,
-                                lognormal_std=t.lognormal_std),
+                                snr_gamma=t.snr_gamma, sigma_data=t.sigma_data, lognormal_std=t.lognormal_std),
                   in_range=dict(lr_warmup_steps=(t.lr_warmup_steps, 0, None), display_size=(t.display_size, 0, None),
                                 adam_weight_decay=(t.adam_weight_decay, 0, None), adam_beta1=(t.adam_beta1, 0, 1),
                                 max_grad_norm=(t.max_grad_norm, 0, None), adam_beta2=(t.adam_beta2, 0, 1),
-                                dropout=(m.dropout, 0, 1), ema_max_decay=(t.ema_max_decay, 0, 1),
+                                dropout=(m.dropout, 0, 1), ema_length=(t.ema_length, 0.001, 0.28),
+                                ema_snapshots=(t.ema_snapshots, 0, None),
                                 beta_end=(s.beta_end, s.beta_start, 1)))
     check_inception_weights(t.inception_weights)
     if t.sample_num_inference_steps > s.num_train_timesteps:
@@ -529,6 +533,11 @@ def validate_evaluate(cfg: EvaluateConfig) -> None:
     _check_sampling(cfg.num_inference_steps, cfg.batch_size, cfg.eta)
     if cfg.images and not Path(cfg.images).expanduser().is_dir():
         raise UserError(f"--images {cfg.images} is not a folder; pass the folder of generated images")
+    if cfg.ema_length:
+        if cfg.images:
+            raise UserError("--ema_length rebuilds a model's weights; it does not apply to --images")
+        for length in cfg.ema_length:
+            _check_ranges({}, in_range=dict(ema_length=(length, 0.001, 0.28)))
     if cfg.reference.endswith(".npz") and not Path(cfg.reference).expanduser().is_file():
         raise UserError(f"--reference {cfg.reference} does not exist; pass a statistics file (mu, sigma) or a "
                         f"dataset: cifar10, mnist or custom with --dataset_path")

@@ -66,9 +66,27 @@ def read_images(folder: str):
     return torch.from_numpy(np.stack(readable))
 
 
+def save_best_ema(model_path: str, snapshots: Path, length: float, folder: Path, metrics: dict) -> None:
+    """The model at model_path with the post-hoc EMA of `length` as its weights, saved whole like final_model/ (a
+    DDPMPipeline and the run's config.json, which records the length and its scores)."""
+    from diffusers import DDPMScheduler
+
+    from ema import reconstruct
+    from files import atomic_folder
+    from model import load_model, save_model
+
+    saved = load_model(model_path)  # float32, whatever dtype was scored
+    saved.unet.load_state_dict(reconstruct(snapshots, length)[0])
+    record = {**(saved.record or {}), "_posthoc_ema": {"length": length, "snapshots": str(snapshots), **metrics}}
+    with atomic_folder(folder) as tmp:
+        save_model(tmp, saved.unet, DDPMScheduler.from_config(saved.schedule), record)
+    print(f"saved the model with the best EMA length ({length}) as {folder}")
+
+
 def run(cfg: EvaluateConfig) -> dict:
     from tqdm.auto import tqdm
 
+    from ema import find_snapshots, reconstruct
     from files import write_json, writable_folder
     from metrics import FEATURE_LAYER, describe, generated_features, inception_features, load_inception, score
     from model import load_model
@@ -79,9 +97,10 @@ def run(cfg: EvaluateConfig) -> dict:
     main, device = state.is_main_process, state.device
     dtype = sampling_dtype(cfg.dtype, device, quiet=not main)
     out = writable_folder(cfg.output_dir) if main else Path(cfg.output_dir)
-    steps = None
+    steps, snapshots = None, None
     if not cfg.images:  # the model first: a wrong --model_path is reported before any weights are fetched
         saved = load_model(cfg.model_path, dtype=dtype)
+        snapshots = find_snapshots(cfg.model_path) if cfg.ema_length else None
         trained = saved.schedule.num_train_timesteps
         steps = cfg.num_inference_steps or default_steps(cfg.scheduler, trained)
         if steps > trained:
@@ -113,20 +132,39 @@ def run(cfg: EvaluateConfig) -> dict:
         seconds["reference_s"] = time.perf_counter() - began_ref
         sampler = make_sampler(cfg.scheduler, saved.schedule)
         seeds = [cfg.seed + i for i in range(cfg.num_images)]
-        features, images, timing = generated_features(unet, sampler, seeds, steps, cfg.batch_size, dtype, cfg.eta,
-                                                      inception, state, keep_images=cfg.save_images,
-                                                      desc=f"generating ({cfg.scheduler}, {steps} steps) + scoring")
-        seconds.update(timing)  # this process's share
+        drawn = {}  # EMA length (None: the model's own weights) -> features and images
+        for length in cfg.ema_length or (None,):
+            if length is not None:
+                unet.load_state_dict(reconstruct(snapshots, length)[0])
+            shown = "" if length is None else f", EMA length {length}"
+            features, images, timing = generated_features(unet, sampler, seeds, steps, cfg.batch_size, dtype, cfg.eta,
+                                                          inception, state, keep_images=cfg.save_images,
+                                                          desc=f"generating ({cfg.scheduler}, {steps} steps{shown}) "
+                                                               f"+ scoring")
+            drawn[length] = features, images
+            for key, value in timing.items():  # this process's share
+                seconds[key] = seconds.get(key, 0) + value
         model = {"path": str(cfg.model_path), "sample_size": unet.config.sample_size,
                  "channels": unet.config.in_channels, "parameters": sum(p.numel() for p in unet.parameters())}
-        if main and cfg.save_images:
-            (out / "images").mkdir(exist_ok=True)
-            for seed, image in zip(seeds, images):
-                save_png(image.float() / 255, out / "images" / f"seed{seed:06d}.png")
     if not main:
         return {}
     began_metrics = time.perf_counter()
-    result = score(reference, features)
+    if cfg.images:
+        result = score(reference, features)
+    else:
+        by_length = {length: score(reference, features) for length, (features, _) in drawn.items()}
+        best = min(by_length, key=lambda length: by_length[length]["fid"])
+        result, images = by_length[best], drawn[best][1]
+        if cfg.ema_length:
+            for length, metrics in by_length.items():
+                print(f"EMA length {length}: {describe(metrics)}" + ("  <- the best" if length == best else ""))
+            model["ema_lengths"] = {str(length): metrics for length, metrics in by_length.items()}
+            model["best_ema_length"] = best
+            save_best_ema(cfg.model_path, snapshots, best, out / "best_ema_model", by_length[best])
+        if cfg.save_images:
+            (out / "images").mkdir(exist_ok=True)
+            for seed, image in zip(seeds, images):
+                save_png(image.float() / 255, out / "images" / f"seed{seed:06d}.png")
     seconds["metrics_s"] = time.perf_counter() - began_metrics
     seconds["total_s"] = time.perf_counter() - began
     record = {"metrics": result, "settings": {**dataclasses.asdict(cfg), "num_inference_steps_used": steps,

@@ -32,10 +32,12 @@ from config import TRAINING_SECTIONS, Config, Resolved, TrainingConfig, UserErro
 from checkpoint import (CHECKPOINT_NAME, Progress, ema_weights, find_checkpoint, load_checkpoint,
                         register_wrapper_free_weights, save_checkpoint, saved_layout)
 from dataset import batches_per_epoch, check_source, load_dataset, make_dataloader, to_model_input
+from ema import POSTHOC_LENGTHS, SNAPSHOT_FOLDER, PowerEMA, drop_snapshots_after
 from files import atomic_folder, read_json, write_json
 from model import build_noise_scheduler, build_unet, count_parameters, load_model, save_model
 
-RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png", "best_model")
+RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png", "best_model",
+               SNAPSHOT_FOLDER)
 EXIT_NONFINITE = 3
 LONG_CPU_RUN_S = 3600  # a CPU run estimated to take longer gets a hint towards a small preset
 TRAINING_EVAL_BATCH = 128  # images per sampling pass of the evaluation during training (halved on out-of-memory)
@@ -126,8 +128,9 @@ class TrainingParts:
     optimizer: torch.optim.Optimizer  # accelerate's wrapper of AdamW
     fused: bool  # fused AdamW: it skips a NaN/inf step itself, given found_inf
     lr_schedule: torch.optim.lr_scheduler.LRScheduler  # stepped once per optimizer step
-    ema: Optional[object]  # diffusers EMAModel, or None
+    ema: Optional[PowerEMA]  # the EMAs of the weights (ema.py), or None
     noise_scheduler: object  # the DDPMScheduler that noises the training images
+    images_per_step: int  # images one optimizer step trains on, over all processes: the EMA's clock
     ema_params: list = dataclasses.field(default_factory=list)  # unet's parameters, listed once
     loss_weights: Optional[torch.Tensor] = None  # per timestep (loss_weights()), on the device; None: plain MSE
     sigma_boundaries: Optional[torch.Tensor] = None  # lognormal timesteps (lognormal_boundaries()); None: uniform
@@ -137,7 +140,6 @@ def build_training(run: Resolved, accelerator, pretrained=None) -> TrainingParts
     """Model (new, or the pretrained UNet given), AdamW, LR schedule and EMA, prepared and registered for
     checkpoints."""
     from accelerate.utils import set_seed
-    from diffusers.training_utils import EMAModel
 
     cfg, t = run.cfg, run.cfg.training
     set_seed(t.seed)  # the initial weights
@@ -163,13 +165,14 @@ def build_training(run: Resolved, accelerator, pretrained=None) -> TrainingParts
     register_wrapper_free_weights(accelerator)
     unet = accelerator.unwrap_model(model, keep_torch_compile=False)
     ema = None
-    if t.use_ema:
-        ema = EMAModel(unet.parameters(), decay=t.ema_max_decay, use_ema_warmup=True, inv_gamma=t.ema_inv_gamma,
-                       power=t.ema_power, foreach=True)
-        ema.to(accelerator.device)
+    if t.use_ema:  # the run's EMA first, then the two kept for post-hoc snapshots
+        lengths = dict.fromkeys([t.ema_length, *(POSTHOC_LENGTHS if t.ema_snapshots else ())])
+        ema = PowerEMA(unet.parameters(), lengths).to(accelerator.device)
+        ema.images_per_step = run.images_per_step  # for checkpoints of earlier versions, which count steps
         accelerator.register_for_checkpointing(ema)
     noise_scheduler = build_noise_scheduler(cfg.scheduler)
-    return TrainingParts(model, unet, optimizer, fused, lr_schedule, ema, noise_scheduler, list(unet.parameters()),
+    return TrainingParts(model, unet, optimizer, fused, lr_schedule, ema, noise_scheduler, run.images_per_step,
+                         list(unet.parameters()),
                          loss_weights(noise_scheduler, cfg, accelerator.device),
                          lognormal_boundaries(noise_scheduler, accelerator.device)
                          if t.timestep_sampling == "lognormal" else None)
@@ -182,8 +185,6 @@ def apply_settings_after_load(parts: TrainingParts, cfg: Config) -> None:
     for group in parts.optimizer.param_groups:
         group.update(betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
     parts.lr_schedule.base_lrs = [t.learning_rate] * len(parts.optimizer.param_groups)
-    if parts.ema is not None:
-        parts.ema.decay, parts.ema.inv_gamma, parts.ema.power = t.ema_max_decay, t.ema_inv_gamma, t.ema_power
 
 
 class LRCurve:
@@ -309,7 +310,7 @@ def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int)
     # only averages them once more, and the LR moves on by one step of thousands.
     parts.lr_schedule.step()
     if parts.ema is not None:
-        parts.ema.step(parts.ema_params)
+        parts.ema.step(parts.ema_params, parts.images_per_step)
     skipped = ~finite
     nonfinite = skipped & ~torch.isfinite(loss.detach()) if accelerator.scaler is not None else skipped
     return loss.detach(), skipped, nonfinite
@@ -569,6 +570,8 @@ def train(cfg: Config) -> int:
     progress = Progress()
     if resumed_from:
         progress = resume(accelerator, parts, run, resumed_from)
+        if main and ema is not None:  # snapshots of an abandoned branch, or of steps this run trains again
+            drop_snapshots_after(out / SNAPSHOT_FOLDER, ema.images)
     # --- 6. Outputs and logging ----------------------------------------------------------------------
     writer = start_outputs(accelerator, run, record, progress, dataset, parts)
     if main:
@@ -581,6 +584,11 @@ def train(cfg: Config) -> int:
         progress.skipped_steps = window.skipped_steps()
         progress.lr_segment = parts.lr_schedule.lr_lambdas[0].segment
         return save_checkpoint(accelerator, out, name, progress, record, pipeline, t.checkpoints_total_limit)
+
+    def snapshot_due() -> bool:
+        """A post-hoc EMA snapshot every total_steps / ema_snapshots optimizer steps, and at the end."""
+        every = max(1, total_steps // t.ema_snapshots) if t.ema_snapshots and ema is not None else 0
+        return bool(every) and (progress.global_step % every == 0 or progress.global_step == total_steps)
 
     signals = StopSignal()
     window = LogWindow(accelerator, skipped_before=progress.skipped_steps)
@@ -600,6 +608,8 @@ def train(cfg: Config) -> int:
                 continue
             progress.global_step += 1
             bar.update(1)
+            if main and snapshot_due():
+                ema.snapshot(out / SNAPSHOT_FOLDER, [name for name, _ in unet.named_parameters()])
             # Stop decisions are taken at log steps only, where every process reads the same numbers.
             if progress.global_step % t.logging_steps == 0 or progress.global_step == total_steps:
                 stats = window.read(signals.signum, t.train_batch_size)  # the loop's only collective

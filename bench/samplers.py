@@ -3,6 +3,9 @@
     python bench/samplers.py --model_path bench_out/quality/ours-final/steps3000-seed0/run/final_model \
         ddim:50 ddim:50:clip_sample=False heun:25 heun:25:use_karras_sigmas=True dpmsolver++:50
 
+With --ema_lengths, the model's weights are each post-hoc EMA rebuilt from the run's snapshots (train_ddpm.py
+--ema_snapshots; the folder ema_snapshots/ beside final_model/) instead of final_model's own EMA.
+
 A sampler is NAME:STEPS[:SETTING=VALUE...]: one of inference.py's --scheduler names, its denoising steps, and
 diffusers scheduler settings over the toolkit's own (sampling.SAMPLER_CLASSES), such as clip_sample=False,
 use_karras_sigmas=True or timestep_spacing=trailing. Each draws --num_samples images from seeds 0, 1, ... (the same
@@ -46,11 +49,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "bench_out" / "quality"), help="where the judge is cached")
     p.add_argument("--save", help="also write each sampler's uint8 samples to SAVE/NAME.npy")
+    p.add_argument("--ema_lengths", type=float, nargs="+", help="post-hoc EMA lengths to rebuild and score")
     args = p.parse_args(argv)
     import numpy as np
     import torch
 
     import quality
+    from ema import reconstruct
     from model import load_model
     from sampling import SAMPLER_CLASSES, generate, to_uint8
 
@@ -60,8 +65,11 @@ def main(argv=None) -> int:
                                         Path(args.out) / f"classifier-{quality.fingerprint(images)}.pt")
     real_features, _ = quality.judge(judge, images)
     saved = load_model(args.model_path)
+    snapshots = Path(args.model_path).parent / "ema_snapshots"
     rows = []
-    for text in args.samplers:
+    for length, text in [(length, text) for length in (args.ema_lengths or [None]) for text in args.samplers]:
+        if length is not None:
+            saved.unet.load_state_dict(reconstruct(snapshots, length)[0])
         name, steps, extra = parse_sampler(text)
         cls, settings = SAMPLER_CLASSES[name]
         sampler = cls.from_config(saved.schedule, **{**settings, **extra})
@@ -74,10 +82,11 @@ def main(argv=None) -> int:
         saved.unet.forward = forward
         evaluations = len(calls) * args.batch_size / args.num_samples
         grey = to_uint8(samples)[:, 0].numpy()
-        row = {"sampler": text, "evaluations": round(evaluations, 1), **quality.score(judge, real_features, grey),
-               "seconds": round(time.perf_counter() - started, 1)}
+        row = {"sampler": text, "ema_length": length, "evaluations": round(evaluations, 1),
+               **quality.score(judge, real_features, grey), "seconds": round(time.perf_counter() - started, 1)}
         rows.append(row)
-        print(f"{text:48s} {row['evaluations']:5.0f} evals  distance {row['distance']:8.1f}  confidence "
+        shown = text if length is None else f"{text} ema {length}"
+        print(f"{shown:48s} {row['evaluations']:5.0f} evals  distance {row['distance']:8.1f}  confidence "
               f"{row['confidence']:.3f}  class entropy {row['class_entropy']:.2f}", flush=True)
         if args.save:
             Path(args.save).mkdir(parents=True, exist_ok=True)

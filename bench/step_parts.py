@@ -39,6 +39,7 @@ def main(argv=None) -> dict:
     import train_ddpm
     from config import library_versions
     from dataset import to_model_input
+    from ema import PowerEMA
     from model import build_unet
 
     device = pick_device(args.device, args.threads)
@@ -59,7 +60,7 @@ def main(argv=None) -> dict:
     parts = {  # name: (what the plain loop runs, what ours runs)
         "AdamW step": (torch.optim.AdamW(params, **adamw).step, torch.optim.AdamW(params, **adamw, fused=True).step),
         "EMA step": ((lambda ema: lambda: ema.step(params))(EMAModel(params, use_ema_warmup=True)),
-                     (lambda ema: lambda: ema.step(params))(EMAModel(params, use_ema_warmup=True, foreach=True))),
+                     (lambda ema: lambda: ema.step(params, args.batch_size))(PowerEMA(params, (0.10,)))),
         "batch to model input": ((lambda: batch.float().div(127.5).sub(1)), (lambda: to_model_input(batch, True))),
         "per-step seeding": ((lambda: None), (lambda: train_ddpm.seed_micro_step(12345, device))),
         "clip_grad_norm_ (both)": ((lambda: torch.nn.utils.clip_grad_norm_(params, 1.0)),) * 2,

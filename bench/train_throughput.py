@@ -70,8 +70,8 @@ def setup_plain(cfg, cpu, images, precision, fused=False, foreach_ema=False, ite
     model = build_unet(cfg.model, t.image_size, images.shape[1])
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema_model = EMAModel(model.parameters(), decay=t.ema_max_decay, use_ema_warmup=True, inv_gamma=t.ema_inv_gamma,
-                         power=t.ema_power, foreach=foreach_ema)
+    ema_model = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
+                         foreach=foreach_ema)  # the example's --ema_max_decay, --ema_inv_gamma, --ema_power
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     noise_scheduler = build_noise_scheduler(cfg.scheduler)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),

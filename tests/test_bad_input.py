@@ -221,7 +221,7 @@ def test_download_without_network(name, title, tmp_path, monkeypatch):
     (["--sample_num_inference_steps", "2000"], ["--sample_num_inference_steps 2000", "1000 training timesteps"]),
     (["--freeze_down_blocks"], ["--pretrained_model_path"]),
     (["--resume_from_checkpoint", "latest"], ["no checkpoint in"]),
-    (["--ema_inv_gamma", "0"], ["--ema_inv_gamma must be positive"]),  # else a ZeroDivisionError at step 2
+    (["--ema_length", "0.3"], ["--ema_length must be in [0.001, 0.28)"]),  # no power-function EMA is that long
     (["--attention_head_dim", "0"], ["--attention_head_dim must be at least 1 (or none)"]),
     (["--dataloader_num_workers", "-7"], ["--dataloader_num_workers must be -1 (auto) or at least 0"]),
     (["--max_train_steps", "0"], ["--max_train_steps must be at least 1"]),

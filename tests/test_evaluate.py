@@ -228,3 +228,35 @@ def test_the_one_loader_reads_what_is_on_disk(scored, trained_run, tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in ema.items())
     assert not torch.equal(loaded["conv_in.weight"], training["conv_in.weight"])
     assert checkpoint.record["training"]["seed"] == 7
+
+
+def test_post_hoc_ema_scores_each_length_and_saves_the_best(scored, inception_weights, tmp_path, capsys):
+    """A run that kept EMA snapshots: evaluate.py rebuilds the EMA of each --ema_length from them, scores each with
+    the same seeds, and saves the best as a model of its own."""
+    import train_ddpm
+    from conftest import call
+
+    root, untrained, data, _ = scored
+    out = tmp_path / "run"
+    result = call(train_ddpm.main, [*TINY_8PX, "--train_batch_size", 4, "--num_preview_images", 2,
+                                    "--sample_num_inference_steps", 2, "--dataloader_num_workers", 0, "--seed", 7,
+                                    "--dataset_name", "custom", "--dataset_path", root / "reference", "--data_dir",
+                                    root / "data", "--output_dir", out, "--max_train_steps", 8, "--ema_snapshots", 4],
+                  capsys)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list((out / "ema_snapshots").glob("*.safetensors"))) == 8  # 4 times, 2 lengths
+    argv = ["--model_path", out / "final_model", *SAMPLING, *data, "--output_dir", tmp_path / "eval"]
+    result = call(evaluate.main, [*argv, "--ema_length", 0.03, 0.2], capsys)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("EMA length")]
+    assert len(lines) == 2 and sum("<- the best" in line for line in lines) == 1
+    record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    best = record["model"]["best_ema_length"]
+    assert record["metrics"] == record["model"]["ema_lengths"][str(best)]
+    saved = load_model(str(tmp_path / "eval" / "best_ema_model"))
+    assert saved.record["_posthoc_ema"]["length"] == best and saved.unet.config.sample_size == 8
+    assert not torch.equal(saved.unet.state_dict()["conv_in.weight"],
+                           load_model(str(out / "final_model")).unet.state_dict()["conv_in.weight"])
+    result = call(evaluate.main, ["--model_path", untrained, "--ema_length", 0.1, "--output_dir", tmp_path / "x"],
+                  capsys)
+    assert result.returncode == 2 and "--ema_snapshots" in result.stderr  # a model of a run without snapshots

@@ -163,10 +163,9 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_advice(image_folder
     state = load_checkpoint_state(checkpoint)
     progress = state["progress"]
     assert progress["nonfinite_steps"] >= 3 and progress["skipped_steps"] == progress["nonfinite_steps"]
-    assert state["ema"]["optimization_step"] == progress["global_step"], "a skipped step advances the EMA (no sync)"
+    assert state["ema"]["images"] == 4 * progress["global_step"], "a skipped step advances the EMA (no sync)"
     assert all(torch.isfinite(w).all() for w in state["model"].values()), "skipped steps leave the weights finite"
-    ema_weights = state["ema"]["shadow_params"]
-    assert all(torch.isfinite(w).all() for w in ema_weights), "and the EMA of them"
+    assert all(torch.isfinite(w).all() for w in state["ema"]["averages"][0]), "and the EMA of them"
     assert not (out / "final_model").exists()
     seed = json.loads((out / "config.json").read_text())["training"]["seed"]
     assert isinstance(seed, int) and json.loads((checkpoint / "config.json").read_text())["training"]["seed"] == seed
@@ -241,20 +240,21 @@ def lr_by_run(out: Path) -> list[dict[int, float]]:
 def test_extend_a_finished_run_with_new_settings_then_resume_an_older_one(image_folder, tmp_path, capsys):
     out, peak = tmp_path / "run", 1e-3
     cosine = ["--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--learning_rate", peak]
-    # 6 steps: checkpoint-step-4 (periodic) and, as every run that ends normally, checkpoint-step-6.
-    run_cli("train_ddpm.py", *train_args(image_folder, out, "--max_train_steps", 6, *cosine))
+    # 6 steps: checkpoint-step-4 (periodic) and, as every run that ends normally, checkpoint-step-6; post-hoc EMA
+    # snapshots every 2 steps (of 4 images).
+    run_cli("train_ddpm.py", *train_args(image_folder, out, "--max_train_steps", 6, *cosine, "--ema_snapshots", 3))
     assert progress_of(out / "checkpoint-step-6")["global_step"] == 6
     # Extended to 10 steps, with other AdamW and EMA settings: they take effect and config.json records them. A new
     # batch size starts at an epoch boundary (step 6 ends epoch 2), where it changes nothing else.
     extended = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps",
-                       10, "--adam_beta1", 0.8, "--ema_power", 0.5, "--train_batch_size", 2)
+                       10, "--adam_beta1", 0.8, "--ema_length", 0.2, "--train_batch_size", 2)
     assert "at step 6" in extended.stdout and "a new one warms up from 0 over 2 steps" in extended.stdout
     assert "train_batch_size 4 -> 2; training continues at the start of epoch 3" in extended.stdout
     state = load_checkpoint_state(out / "checkpoint-step-10")
-    assert state["optimizer"]["param_groups"][0]["betas"][0] == 0.8 and state["ema"]["power"] == 0.5
-    assert state["ema"]["optimization_step"] == 10
+    assert state["optimizer"]["param_groups"][0]["betas"][0] == 0.8 and state["ema"]["lengths"][0] == 0.2
+    assert state["ema"]["images"] == 6 * 4 + 4 * 2  # the EMA's clock counts images, whatever the batch
     record = json.loads((out / "config.json").read_text())["training"]
-    assert record["adam_beta1"] == 0.8 and record["ema_power"] == 0.5 and record["max_train_steps"] == 10
+    assert record["adam_beta1"] == 0.8 and record["ema_length"] == 0.2 and record["max_train_steps"] == 10
     # Back to checkpoint-step-4 (mid-way down the 6-step cosine), to end at step 9: the LR goes on down from where it
     # was, and `latest` is this new branch's checkpoint-step-9, not the abandoned checkpoint-step-10.
     # Rotation drops the abandoned branch first (6, then 10; 8 is overwritten by this branch's periodic save) and
@@ -264,6 +264,13 @@ def test_extend_a_finished_run_with_new_settings_then_resume_an_older_one(image_
     assert "from its current value at step 4 down to 0 at step 9" in rollback.stdout
     assert find_checkpoint(str(out), "latest") == out / "checkpoint-step-9"  # what --resume_from_checkpoint uses
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-step-{n}" for n in (4, 8, 9)]
+    # Post-hoc EMA snapshots: those of the abandoned branch (after checkpoint-step-4's 16 images) are gone, this
+    # branch's (every 3 of its 9 steps of 4 images) are there, of both lengths.
+    from ema import list_snapshots
+
+    snapshots = list_snapshots(out / "ema_snapshots")
+    assert sorted({seen for seen, _, _ in snapshots}) == [8, 16, 24, 36]
+    assert sorted(length for seen, length, _ in snapshots if seen == 36) == [0.05, 0.10]
     # What the weights and the optimizer were built for is refused on resume, with one line.
     import train_ddpm
 
@@ -305,7 +312,7 @@ def test_fp16_overflow_skips_are_counted_as_skipped_not_as_nonfinite(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, parts.unet.parameters())), "the scaler skipped the steps"
     assert window.read(None, 4)["nonfinite"] == 0, "loss-scale search is not counted as NaN/inf steps"
     assert window.skipped_steps() == 3
-    assert parts.lr_schedule.last_epoch == 3 and parts.ema.optimization_step == 3
+    assert parts.lr_schedule.last_epoch == 3 and parts.ema.images == 3 * run.images_per_step
     accelerator.scaler.update(1.0)  # a scale that fits: the next step is applied
     loss, skipped, nonfinite = train_ddpm.train_step(batch, parts, accelerator, cfg, 3)
     assert not skipped and not nonfinite and not all(torch.equal(a, b) for a, b in zip(before, parts.unet.parameters()))
