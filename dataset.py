@@ -1,5 +1,6 @@
-"""Training data: CIFAR-10, MNIST (torchvision), a folder or ZIP of images, or a Hugging Face dataset (a Hub id,
-a folder written by save_to_disk, or parquet files), decoded and resized once.
+"""Training data: CIFAR-10, MNIST (torchvision), the bundled letters (assets/letters16.npz, no download), a folder or
+ZIP of images, or a Hugging Face dataset (a Hub id, a folder written by save_to_disk, or parquet files), decoded and
+resized once.
 
 Every dataset is turned into a uint8 tensor cache of shape [N, C, image_size, image_size] under
 ``data_dir/cache/``: one file per source, image_size and --num_channels, replaced when the source's content
@@ -36,6 +37,7 @@ from config import DataConfig, UserError
 from files import atomic_file, write_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+LETTERS_FILE = Path(__file__).resolve().parent / "assets" / "letters16.npz"  # --dataset_name letters (assets/README.md)
 CACHE_FORMAT = 2  # bump when the way images are decoded or resized changes, so old caches are rebuilt
 
 
@@ -135,7 +137,7 @@ class Source:
     method: a ZIP is opened again in each process, and a Hugging Face dataset pickles as the paths of its
     memory-mapped Arrow files, which each worker maps again (the library's own way to reach DataLoader workers)."""
 
-    name: str  # its kind: cifar10, mnist, folder, zip or hf
+    name: str  # its kind: cifar10, mnist, letters, folder, zip or hf
     label: str  # how the user knows it, for messages
     identity: str  # what it is, whatever it holds now: its cache for a new content replaces the old one
     channels: int  # of the images as stored (3 for files, which may mix modes); the cache's may differ
@@ -143,7 +145,9 @@ class Source:
     files: Optional[list[Path]] = None  # a folder's image files
     root: Optional[Path] = None  # the folder they were found in, or the ZIP file
     members: Optional[list[str]] = None  # the ZIP's image members
-    pixels: Optional[np.ndarray] = None  # a torchvision dataset's images: [N,H,W] or [N,H,W,C] uint8
+    pixels: Optional[np.ndarray] = None  # a torchvision dataset's or the letters' images: [N,H,W] or [N,H,W,C] uint8
+    labels: Optional[np.ndarray] = None  # with pixels: each image's class, an index into classes
+    classes: Optional[list[str]] = None  # the class names
     table: Optional[object] = None  # a datasets.Dataset of the image column alone, left encoded (decode=False)
     column: Optional[str] = None  # that column's name
 
@@ -214,8 +218,9 @@ class Source:
 def _download_error(name: str, data_dir: str, error: Exception) -> UserError:
     return UserError(
         f"could not download {name} into {data_dir} ({error.__class__.__name__}: no network?); copy the "
-        f"dataset there by hand and pass --data_dir, or train on your own images with --dataset_name custom "
-        f"--dataset_path DIR")
+        f"dataset there by hand and pass --data_dir, train on your own images with --dataset_name custom "
+        f"--dataset_path DIR, or on the bundled letters with --dataset_name letters (no download; the CPU quickstart: "
+        f"python train_ddpm.py --model_preset quickstart)")
 
 
 def _torchvision_source(name: str, data_dir: str) -> Source:
@@ -228,7 +233,44 @@ def _torchvision_source(name: str, data_dir: str) -> Source:
         raise _download_error({"cifar10": "CIFAR-10", "mnist": "MNIST"}[name], data_dir, e) from None
     pixels = np.asarray(dataset.data)  # CIFAR-10: [N,32,32,3] uint8, MNIST: [N,28,28] uint8
     fingerprint = hashlib.sha1(np.ascontiguousarray(pixels).data).hexdigest()
-    return Source(name, f"{name} in {data_dir}", name, 3 if pixels.ndim == 4 else 1, fingerprint, pixels=pixels)
+    return Source(name, f"{name} in {data_dir}", name, 3 if pixels.ndim == 4 else 1, fingerprint, pixels=pixels,
+                  labels=np.asarray(dataset.targets), classes=list(dataset.classes))
+
+
+def _letters_source(path: Path = LETTERS_FILE) -> Source:
+    """The letters that ship with the toolkit (assets/README.md): 5,772 greyscale 16x16 images of the 52 Latin
+    letters in 37 typefaces, with their labels; read like a torchvision dataset, and never downloaded."""
+    try:
+        with np.load(path) as packed:
+            pixels, labels, classes = packed["images"], packed["labels"], packed["classes"].tolist()
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise UserError(f"the bundled letters {path} cannot be read ({_one_line(e, 120)}); restore the file with "
+                        f"git checkout -- assets/letters16.npz") from None
+    fingerprint = hashlib.sha1(np.ascontiguousarray(pixels).data).hexdigest()
+    return Source("letters", f"letters ({path.parent.name}/{path.name})", "letters", 1, fingerprint, pixels=pixels,
+                  labels=labels, classes=classes)
+
+
+def pack_letters(folder: str | Path, path: str | Path = LETTERS_FILE, image_size: int = 16) -> Path:
+    """Rebuild the bundled letters file from a folder of images with one sub-folder per class (assets/README.md):
+    images uint8 [N, S, S] read as a custom folder of them is read (1 channel), in the same order (sorted paths);
+    labels int64 [N], indices into classes, the sub-folder names sorted."""
+    root = Path(folder).expanduser()
+    files = find_images(str(root))
+    if any(file.parent == root for file in files):
+        raise UserError(f"{root} holds images outside class sub-folders; put each image in its class's folder")
+    names = [file.relative_to(root).parts[0] for file in files]
+    classes = sorted(set(names))
+    images = [decode_file(str(file), image_size, channels=1) for file in files]
+    unreadable = [str(file) for file, image in zip(files, images) if image is None]
+    if unreadable:
+        raise UserError(f"{len(unreadable)} images cannot be read, such as {unreadable[0]}; fix or remove them")
+    images = np.concatenate(images)
+    labels = np.asarray([classes.index(name) for name in names], dtype=np.int64)
+    with atomic_file(Path(path)) as tmp:
+        with open(tmp, "wb") as f:  # a file object: savez_compressed would append .npz to a path without it
+            np.savez_compressed(f, images=images, labels=labels, classes=np.asarray(classes))
+    return Path(path)
 
 
 def find_images(folder: str) -> list[Path]:
@@ -276,7 +318,7 @@ def _custom_source(dataset_path: Optional[str]) -> Source:
 
 
 # --dataset_name values with a meaning of their own; anything else is a save_to_disk folder or a Hub dataset id.
-BUILTIN_DATASETS = ("cifar10", "mnist", "custom", "parquet")
+BUILTIN_DATASETS = ("cifar10", "mnist", "letters", "custom", "parquet")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
@@ -289,7 +331,7 @@ def source_kind(name: str) -> str:
         return "disk"
     if HUB_ID.fullmatch(name) and ".." not in name:
         return "hub"
-    raise UserError(f"--dataset_name {name} is not cifar10, mnist, custom or parquet, nor an existing folder "
+    raise UserError(f"--dataset_name {name} is not cifar10, mnist, letters, custom or parquet, nor an existing folder "
                     f"written by save_to_disk, nor a Hugging Face Hub dataset id (user/name)")
 
 
@@ -404,6 +446,8 @@ def open_source(name: str, data: DataConfig) -> Source:
         return _custom_source(data.dataset_path)
     if kind in ("cifar10", "mnist"):
         return _torchvision_source(kind, data.data_dir)
+    if kind == "letters":
+        return _letters_source()
     return _hf_source(name, data, kind)
 
 

@@ -378,7 +378,7 @@ def log_graph(writer, unet, channels: int, size: int) -> None:
     unet.train()
 
 
-def draw_previews(accelerator, unet, ema, cfg: Config, noise_scheduler, path: Path, writer, tag: str, step: int):
+def draw_previews(accelerator, unet, ema, cfg: Config, noise_scheduler, path: Path, tag: str, step: int):
     """Sample the preview grid with the EMA weights (main process; the others wait)."""
     from sampling import generate, image_grid, make_sampler, save_grid
 
@@ -391,8 +391,27 @@ def draw_previews(accelerator, unet, ema, cfg: Config, noise_scheduler, path: Pa
                               batch_size=cfg.training.num_preview_images, desc=f"preview {path.name}")
             unet.train()
         save_grid(images, path, display_size=cfg.training.display_size)
-        writer.add_image(tag, image_grid(images), step)  # native size: TensorBoard zooms itself
+        log_image(accelerator, tag, image_grid(images), step)
     accelerator.wait_for_everyone()
+
+
+def log_image(accelerator, tag: str, grid: torch.Tensor, step: int) -> None:
+    """One grid ([3,H,W] in [0, 1], native size: the trackers' viewers zoom) to every tracker of the run through its
+    own image call (accelerate's log_images exists for TensorBoard and W&B only); other trackers get none."""
+    from sampling import to_hwc, to_uint8
+
+    pixels = to_hwc(to_uint8(grid.cpu()))  # H x W x 3 uint8, what W&B, MLflow and Comet take
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({tag: grid[None]}, step)
+        elif tracker.name == "wandb":
+            tracker.log_images({tag: [pixels]}, step)
+        elif tracker.name == "mlflow":
+            import mlflow
+
+            mlflow.log_image(pixels, key=tag, step=step)
+        elif tracker.name == "comet_ml":
+            tracker.tracker.log_image(pixels, name=tag, step=step)
 
 
 def save_final_model(accelerator, unet, ema, noise_scheduler, out: Path, record: dict) -> None:
@@ -456,15 +475,15 @@ def load_inputs(cfg: Config, state):
 
 
 def start_accelerator(run: Resolved, state, dataset):
-    """Stage 4: the Accelerator (precision, accumulation, compile, TensorBoard) and this process's share of the
-    data."""
+    """Stage 4: the Accelerator (precision, accumulation, compile, the --report_to trackers) and this process's share
+    of the data."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     t, out = run.cfg.training, Path(run.cfg.training.output_dir).expanduser()
     accelerator = Accelerator(
         cpu=state.device.type == "cpu", mixed_precision=run.precision,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, log_with="tensorboard",
+        gradient_accumulation_steps=t.gradient_accumulation_steps, log_with=t.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         # The batch copy does not wait for the GPU (from pinned memory, pin_memory below).
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
@@ -511,28 +530,30 @@ def resume(accelerator, parts: TrainingParts, run: Resolved, checkpoint: Path) -
 
 def start_outputs(accelerator, run: Resolved, record: dict, progress: Progress, dataset, parts: TrainingParts):
     """Stage 6, once everything has loaded: the output folder (a previous run's outputs cleared when
-    --overwrite_output_dir asks), config.json, TensorBoard (config, and for a new run the training images and the
-    model graph)."""
-    from sampling import save_grid
+    --overwrite_output_dir asks), config.json, the trackers (hyper-parameters, and for a new run the training images;
+    TensorBoard also the config as text and the model graph)."""
+    from sampling import image_grid, save_grid
 
     cfg, t = run.cfg, run.cfg.training
     out = prepare_output_dir(cfg) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
-        return None
+        return
     write_json(out / "config.json", record)
     hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                for section in dataclasses.asdict(cfg).values() for k, v in section.items()}
     accelerator.init_trackers("ddpm", config=hparams)
-    writer = accelerator.get_tracker("tensorboard", unwrap=True)
-    writer.add_text("config", "```\n" + json.dumps(record, indent=2, default=str) + "\n```", progress.global_step)
+    tensorboard = next((tracker.tracker for tracker in accelerator.trackers if tracker.name == "tensorboard"), None)
+    if tensorboard is not None:  # what only TensorBoard shows: the whole record as text, and the graph
+        tensorboard.add_text("config", "```\n" + json.dumps(record, indent=2, default=str) + "\n```",
+                             progress.global_step)
     if not t.resume_from_checkpoint:
         shown = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(t.seed))
         first = dataset.__getitems__(sorted(shown[: t.num_preview_images].tolist())).float() / 255
         save_grid(first, out / "sample_training_data.png", display_size=t.display_size)
-        writer.add_images("training_data", first, 0)
-        log_graph(writer, parts.unet, first.shape[1], t.image_size)
-    return writer
+        log_image(accelerator, "training_data", image_grid(first), 0)
+        if tensorboard is not None:
+            log_graph(tensorboard, parts.unet, first.shape[1], t.image_size)
 
 
 def train(cfg: Config) -> int:
@@ -573,7 +594,7 @@ def train(cfg: Config) -> int:
         if main and ema is not None:  # snapshots of an abandoned branch, or of steps this run trains again
             drop_snapshots_after(out / SNAPSHOT_FOLDER, ema.images)
     # --- 6. Outputs and logging ----------------------------------------------------------------------
-    writer = start_outputs(accelerator, run, record, progress, dataset, parts)
+    start_outputs(accelerator, run, record, progress, dataset, parts)
     if main:
         print(f"training on {len(dataset)} images, {run.num_processes} process(es) on {device.type}, "
               f"{precision_name(run.precision)}: {total_steps} optimizer steps of {t.train_batch_size} x "
@@ -641,7 +662,7 @@ def train(cfg: Config) -> int:
             epoch = progress.epoch  # 1-based in file names, as in the README
             if epoch % t.save_image_epochs == 0:
                 draw_previews(accelerator, unet, ema, cfg, noise_scheduler, out / f"samples_epoch_{epoch}.png",
-                              writer, "samples", progress.global_step)
+                              "samples", progress.global_step)
             if evaluation and epoch % t.eval_epochs == 0:
                 with ema_weights(ema, unet):
                     evaluation(accelerator, unet, noise_scheduler, progress.global_step, record)
@@ -655,8 +676,8 @@ def train(cfg: Config) -> int:
         if saved_at != progress.global_step:  # so that extending the run starts from its end
             save(f"checkpoint-step-{progress.global_step}")
         save_final_model(accelerator, unet, ema, noise_scheduler, out, record)
-        draw_previews(accelerator, unet, ema, cfg, noise_scheduler, out / "final_samples.png", writer,
-                      "final_samples", progress.global_step)
+        draw_previews(accelerator, unet, ema, cfg, noise_scheduler, out / "final_samples.png", "final_samples",
+                      progress.global_step)
         if main:
             print(f"done: {progress.global_step} steps; the model is in {out / 'final_model'}")
     accelerator.end_training()

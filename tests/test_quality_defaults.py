@@ -65,7 +65,8 @@ def test_num_channels_overrides_the_detection(tmp_path):
 
 
 @pytest.mark.parametrize("name, flags, flip", [
-    ("cifar10", [], True), ("mnist", [], False), ("custom", [], False), ("custom", ["--random_flip"], True),
+    ("cifar10", [], True), ("mnist", [], False), ("letters", [], False), ("custom", [], False),
+    ("custom", ["--random_flip"], True),
     ("cifar10", ["--no_random_flip"], False)])
 def test_random_flip_default_follows_the_dataset(tmp_path, name, flags, flip):
     folder = ["--dataset_path", str(tmp_path)] if name == "custom" else []
