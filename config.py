@@ -103,8 +103,8 @@ class TrainingConfig:
     freeze_down_blocks: bool = False  # with pretrained_model_path: train only the decoder half
     max_nonfinite_steps: int = 20  # stop after this many consecutive steps with a NaN/inf loss
     num_preview_images: int = 16  # images in each samples_epoch_{E}.png and final_samples.png
-    sample_scheduler: Sampler = "ddim"  # preview sampler
-    sample_num_inference_steps: int = 50  # preview sampling steps
+    sample_scheduler: Sampler = "heun"  # preview sampler (heun: the best measured at about 50 network evaluations)
+    sample_num_inference_steps: int = 25  # preview sampling steps (Heun: two network evaluations a step)
     display_size: int = 256  # preview and training-data grids show each image at least this many px (0: native)
     # Quality during training (evaluate.py): FID and KID of the EMA weights against the training set.
     eval_epochs: Optional[int] = None  # every N epochs: FID/KID to TensorBoard (eval/fid, eval/kid), best model by FID kept as best_model/; none: off
@@ -164,18 +164,18 @@ class InferenceConfig:
 
     model_path: Optional[str] = None  # a final_model/ or checkpoint-*/ folder (both hold a diffusers DDPMPipeline)
     num_images: int = 16  # images to generate
-    num_inference_steps: Optional[int] = None  # denoising steps; None: the sampler's default (ddpm 1000, the others 50)
+    num_inference_steps: Optional[int] = None  # denoising steps; None: the sampler's default (ddpm 1000, heun 25, the others 50: about 50 network evaluations)
     seed: int = 0  # image i is drawn from seed + i, whatever the batch size
     grid_size: Optional[int] = None  # images per grid row; None: as square as the count allows
     batch_size: int = 16  # images per forward pass (halved automatically on out-of-memory)
     output_dir: str = "./inference_results"  # where PNGs, the grid and manifest.json go
-    scheduler: Sampler = "ddpm"  # sampler
+    scheduler: Sampler = "heun"  # sampler (heun: the best measured at about 50 network evaluations; ddpm: the original 1000 steps)
     eta: float = 0.0  # DDIM noise (0: deterministic, 1: DDPM-like)
     interpolate: bool = False  # interpolate between two seeds instead of generating
     interp_steps: int = 10  # frames of the interpolation, ends included
     start_seed: int = 0  # seed of the first frame
     end_seed: int = 1000  # seed of the last frame
-    interp_scheduler: Sampler = "ddim"  # deterministic by default, so frames change smoothly
+    interp_scheduler: Sampler = "heun"  # deterministic by default, so frames change smoothly
     fps: float = 8.0  # frames per second of interpolation.gif
     display_size: int = 256  # grid.png, the strip and the GIF show each image at least this many px (0: native)
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
@@ -192,8 +192,8 @@ class EvaluateConfig:
     dataset_path: Optional[str] = None  # reference custom: a folder or .zip of images; parquet: its files
     data_dir: str = "./data"  # where CIFAR-10/MNIST are downloaded and the reference statistics are cached (in data_dir/cache)
     num_images: int = 50000  # images to generate and score (50,000: the papers' protocol)
-    scheduler: Sampler = "ddpm"  # sampler
-    num_inference_steps: Optional[int] = None  # denoising steps; None: the sampler's default (ddpm 1000, the others 50)
+    scheduler: Sampler = "heun"  # sampler (as inference.py's)
+    num_inference_steps: Optional[int] = None  # denoising steps; None: the sampler's default (ddpm 1000, heun 25, the others 50)
     eta: float = 0.0  # DDIM noise (0: deterministic, 1: DDPM-like)
     batch_size: int = 256  # images per UNet forward pass (halved automatically on out-of-memory)
     seed: int = 0  # image i is drawn from seed + i, as in inference.py

@@ -128,6 +128,20 @@ def make_mixed_mode_folder(root: Path) -> Path:
     return root
 
 
+def make_bars_folder(root: Path) -> Path:
+    """A labelled folder as bench/quality.py reads glyphs16: one sub-folder per class of 16x16 greyscale images, a white
+    bar on black at a height of its own per class, shifted a pixel at random. Simple enough to learn in a minute."""
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("bar_top", "bar_middle", "bar_bottom")):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            image = np.zeros((16, 16), dtype=np.uint8)
+            row = 2 + 5 * label + rng.integers(0, 2)
+            image[row:row + 3, 2:14] = 255
+            Image.fromarray(image).save(root / name / f"{i}.png")
+    return root
+
+
 def write_mnist(data_dir: Path, count: int = 32) -> Path:
     """MNIST in its real IDX format where torchvision looks for it, so the real loader runs offline."""
     raw = data_dir / "MNIST" / "raw"

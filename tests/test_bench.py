@@ -8,11 +8,9 @@ import re
 import shlex
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import ROOT, save_tiny_pipeline
+from conftest import ROOT, make_bars_folder, save_tiny_pipeline
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -29,18 +27,7 @@ SCRIPTS = {"train_throughput": train_throughput, "sample_throughput": sample_thr
 
 @pytest.fixture(scope="module")
 def letters(tmp_path_factory):
-    """A labelled folder as bench/quality.py reads glyphs16: one sub-folder per class of 16x16 greyscale images (a
-    bar at a place of its own per class, shifted a little)."""
-    root = tmp_path_factory.mktemp("letters")
-    rng = np.random.default_rng(0)
-    for label, name in enumerate(("bar_top", "bar_middle", "bar_bottom")):
-        (root / name).mkdir()
-        for i in range(6):
-            image = np.zeros((16, 16), dtype=np.uint8)
-            row = 2 + 5 * label + rng.integers(0, 2)
-            image[row:row + 3, 2:14] = 255
-            Image.fromarray(image).save(root / name / f"{i}.png")
-    return root
+    return make_bars_folder(tmp_path_factory.mktemp("letters") / "bars")
 
 
 def test_train_throughput_and_a_full_run(capsys):

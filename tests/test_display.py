@@ -89,12 +89,12 @@ def test_display_size_is_a_checked_flag_of_both_scripts():
 
 
 @pytest.mark.parametrize("flags, trained, steps", [
-    ([], 1000, 1000),
-    ([], 500, 500),  # ddpm takes every training timestep the model has
+    ([], 1000, 25),  # heun: 25 steps, 49 network evaluations
+    (["--scheduler", "ddpm"], 500, 500),  # ddpm takes every training timestep the model has
     (["--scheduler", "ddim"], 1000, 50),
     (["--scheduler", "dpmsolver++"], 1000, 50),
     (["--scheduler", "heun"], 20, 20),
-    (["--interpolate"], 1000, 50),  # interp_scheduler ddim
+    (["--interpolate"], 1000, 25),  # interp_scheduler heun
     (["--interpolate", "--interp_scheduler", "ddpm"], 1000, 1000),
     (["--scheduler", "ddim", "--num_inference_steps", "7"], 1000, 7),
     (["--interpolate", "--num_inference_steps", "1000"], 1000, 1000),
@@ -105,14 +105,14 @@ def test_inference_steps_are_the_samplers_default_unless_given(flags, trained, s
     assert inference.sampler_and_steps(cfg, trained)[1] == steps
 
 
-def test_interpolation_defaults_to_50_ddim_steps_and_only_the_pictures_are_scaled(trained_run, tmp_path):
+def test_interpolation_defaults_to_25_heun_steps_and_only_the_pictures_are_scaled(trained_run, tmp_path):
     out, _ = trained_run
     dest = tmp_path / "interp"
     assert inference.main(["--model_path", str(out / "final_model"), "--interpolate", "--interp_steps", "3",
                            "--output_dir", str(dest)]) == 0
     manifest = json.loads((dest / "manifest.json").read_text())
-    assert manifest["scheduler"] == "ddim"
-    assert manifest["num_inference_steps"] == 50 and manifest["num_inference_steps_default"] is True
+    assert manifest["scheduler"] == "heun"
+    assert manifest["num_inference_steps"] == 25 and manifest["num_inference_steps_default"] is True
     for entry in manifest["files"]:
         assert Image.open(dest / entry["file"]).size == (16, 16), "frame PNGs are data: native size"
     with Image.open(dest / "interpolation.gif") as gif:

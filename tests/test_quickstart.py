@@ -88,7 +88,7 @@ def test_the_readme_quickstart_runs_offline_as_written(tmp_path, monkeypatch, ca
     result = call(inference.main, sample[2:], capsys)
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "quick_samples" / "manifest.json").read_text())
-    assert len(manifest["files"]) == 16 and manifest["scheduler"] == "ddim" and manifest["num_inference_steps"] == 50
+    assert len(manifest["files"]) == 16 and manifest["scheduler"] == "heun" and manifest["num_inference_steps"] == 25
     assert Image.open(tmp_path / "quick_samples" / "grid.png").mode == "L"  # a greyscale model draws grey
 
 

@@ -62,7 +62,7 @@ def test_inference_generates_images_addressed_by_seed(trained_run, tmp_path):
             "--seed", 42, "--grid_size", 3, "--batch_size", 2, "--output_dir", dest)
     manifest = json.loads((dest / "manifest.json").read_text())
     assert [f["seed"] for f in manifest["files"]] == [42, 43, 44, 45, 46]
-    assert manifest["scheduler"] == "ddpm" and manifest["num_inference_steps"] == 5
+    assert manifest["scheduler"] == "heun" and manifest["num_inference_steps"] == 5
     assert manifest["num_inference_steps_default"] is False
     for entry in manifest["files"]:
         assert Image.open(dest / entry["file"]).size == (16, 16)  # data: native size
