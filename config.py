@@ -103,6 +103,7 @@ class TrainingConfig:
     eval_epochs: Optional[int] = None  # every N epochs: FID/KID to TensorBoard (eval/fid, eval/kid), best model by FID kept as best_model/; none: off
     eval_num_images: int = 2000  # images per evaluation, drawn with sample_scheduler and sample_num_inference_steps
     inception_weights: Optional[str] = None  # torch-fidelity's Inception-v3 weights file, for offline machines; none: downloaded on first use
+    ddp_timeout: int = 1800  # seconds a process may wait for the others in one collective (a save, a preview, an evaluation) before the run stops as hung; the start-up's data cache and Inception statistics may take longer
 
 
 @dataclass
@@ -455,7 +456,8 @@ def validate_training(cfg: Config) -> None:
     t, m, s = cfg.training, cfg.model, cfg.scheduler
     one = ("image_size", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "logging_steps",
            "save_image_epochs", "save_model_epochs", "num_preview_images", "sample_num_inference_steps",
-           "max_nonfinite_steps", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "eval_epochs")
+           "max_nonfinite_steps", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "eval_epochs",
+           "ddp_timeout")
     at_least = {name: (getattr(t, name), 1) for name in one}
     at_least.update(layers_per_block=(m.layers_per_block, 1), norm_num_groups=(m.norm_num_groups, 1),
                     attention_head_dim=(m.attention_head_dim, 1), num_train_timesteps=(s.num_train_timesteps, 1),
