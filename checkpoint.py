@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 import torch
 
 from config import UserError
-from files import partial_folder, read_json, replace_folder, write_json
+from files import OLD, current_version, partial_folder, read_json, replace_folder, write_json
 from model import save_model, strip_wrapper_prefixes
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(epoch|step)-(\d+)$")
@@ -62,10 +62,13 @@ def save_order(path: Path) -> tuple:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in output_dir, oldest save first."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*")
-             if CHECKPOINT_NAME.match(p.name) and (p / "progress.json").exists()]
-    return sorted(found, key=save_order)
+    """Complete checkpoints in output_dir, oldest save first. A checkpoint being replaced (or whose replacement a
+    crash interrupted) is listed under its old version's path, checkpoint-*.old (files.current_version)."""
+    def listed(p: Path) -> bool:
+        own = p.with_name(p.name.removesuffix(OLD))
+        return bool(CHECKPOINT_NAME.match(own.name)) and current_version(own) == p and (p / "progress.json").exists()
+
+    return sorted(filter(listed, Path(output_dir).glob("checkpoint-*")), key=save_order)
 
 
 def find_checkpoint(output_dir: str, which: str) -> Path:
@@ -75,7 +78,7 @@ def find_checkpoint(output_dir: str, which: str) -> Path:
             raise UserError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; train without it first")
         return checkpoints[-1]
     path = Path(which).expanduser()
-    path = path if path.is_absolute() or path.exists() else Path(output_dir) / which
+    path = current_version(path if path.is_absolute() or current_version(path).exists() else Path(output_dir) / which)
     if not (path / "progress.json").exists():
         raise UserError(f"--resume_from_checkpoint {which}: not a complete checkpoint folder; "
                         f"pass one of {[p.name for p in list_checkpoints(output_dir)]} or 'latest'")
@@ -162,6 +165,11 @@ def rotate(output_dir: Path, total_limit: Optional[int], lineage: list[int]) -> 
 def load_checkpoint(accelerator, checkpoint: Path, ema) -> Progress:
     """Restore the training state (weights under any wrapping, AdamW, EMA, RNGs) and return where the run was."""
     accelerator.load_state(str(checkpoint))
+    # load_state brings back accelerate's micro-step counter from this process's random_states_{rank}.pkl: a process
+    # new to the run has none and starts at 0, and with another --gradient_accumulation_steps the old count falls
+    # elsewhere in the cycle, so the processes would sync their gradients at different micro-steps and hang. A
+    # checkpoint is always taken at an optimizer step's end: the cycle starts again at 0 for every process.
+    accelerator.step = 0
     if ema is not None:
         ema.to(accelerator.device)  # load_state puts the EMA weights on the CPU
     return Progress.read(checkpoint)

@@ -70,7 +70,7 @@ class TrainingConfig:
     num_epochs: int = 100  # passes over the data
     max_train_steps: Optional[int] = None  # stop after this many optimizer steps (overrides num_epochs)
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
-    learning_rate: float | Auto = "auto"  # peak AdamW LR; auto: 1e-4 x (113.7M / parameters) ** 0.6, 1e-4 for the README's UNet
+    learning_rate: float | Auto = "auto"  # peak AdamW LR; auto: 1e-4 x (113.7M / parameters) ** 0.6, 1e-4 for the README's UNet; a tenth of that for a fine-tune (pretrained_model_path)
     lr_scheduler: LRSchedule = "cosine"  # LR shape
     lr_warmup_steps: int | Auto = "auto"  # linear warm-up, in optimizer steps; auto: 5% of the run, at most 500
     adam_beta1: float = 0.95  # AdamW beta1
@@ -110,6 +110,7 @@ class TrainingConfig:
     eval_epochs: Optional[int] = None  # every N epochs: FID/KID to TensorBoard (eval/fid, eval/kid), best model by FID kept as best_model/; none: off
     eval_num_images: int = 2000  # images per evaluation, drawn with sample_scheduler and sample_num_inference_steps
     inception_weights: Optional[str] = None  # torch-fidelity's Inception-v3 weights file, for offline machines; none: downloaded on first use
+    ddp_timeout: int = 1800  # seconds a process may wait for the others in one collective (a save, a preview, an evaluation) before the run stops as hung; the start-up's data cache and Inception statistics may take longer
 
 
 @dataclass
@@ -480,7 +481,8 @@ def validate_training(cfg: Config) -> None:
     t, m, s = cfg.training, cfg.model, cfg.scheduler
     one = ("image_size", "train_batch_size", "num_epochs", "gradient_accumulation_steps", "logging_steps",
            "save_image_epochs", "save_model_epochs", "num_preview_images", "sample_num_inference_steps",
-           "max_nonfinite_steps", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "eval_epochs")
+           "max_nonfinite_steps", "max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "eval_epochs",
+           "ddp_timeout")
     at_least = {name: (getattr(t, name), 1) for name in one}
     at_least.update(layers_per_block=(m.layers_per_block, 1), norm_num_groups=(m.norm_num_groups, 1),
                     attention_head_dim=(m.attention_head_dim, 1), num_train_timesteps=(s.num_train_timesteps, 1),
@@ -583,12 +585,20 @@ def refuse_changes_on_resume(saved: dict[str, object], wanted: dict[str, object]
 README_UNET_PARAMETERS = 113_673_219  # the README's default UNet (ModelConfig's defaults), whose learning rate is 1e-4
 
 
-def auto_learning_rate(num_parameters: int) -> float:
+FINE_TUNE_LR_FACTOR = 0.1  # a fine-tune's auto LR over a from-scratch run's, for the same UNet
+
+
+def auto_learning_rate(num_parameters: int, fine_tune: bool = False) -> float:
     """1e-4 x (113.7M / parameters) ** 0.6: the original README's 1e-4 for its UNet, Ho et al.'s 2e-4 for their
     35.7M CIFAR-10 UNet, and on the glyph benchmark's 1.0M UNet 1.7e-3, which beat the square root's 1.1e-3 at
-    1,000 steps (bench/RESULTS.md); two significant digits, at most 4e-3 (on a 0.25M UNet 4e-3 beat 2e-3 and 1e-3)."""
+    1,000 steps (bench/RESULTS.md); two significant digits, at most 4e-3 (on a 0.25M UNet 4e-3 beat 2e-3 and 1e-3).
+
+    A fine-tune (--pretrained_model_path) gets a tenth of that: its weights already sit where a from-scratch run's
+    large first steps would only knock them away. A tenth is the usual ratio of fine-tune to pre-training LRs
+    (Stable Diffusion v1 trained at 1e-4, diffusers' text-to-image fine-tuning example uses 1e-5; Llama 2: 3e-4 and
+    2e-5), and bench/fine_tune.py measures it on the glyphs (lowercase letters, then uppercase; bench/RESULTS.md)."""
     lr = 1e-4 * (README_UNET_PARAMETERS / num_parameters) ** 0.6
-    return float(f"{min(lr, 4e-3):.2g}")
+    return float(f"{min(lr, 4e-3) * (FINE_TUNE_LR_FACTOR if fine_tune else 1):.2g}")
 
 
 def auto_warmup_steps(total_steps: int) -> int:
@@ -669,7 +679,7 @@ def resolve(cfg: Config, count_parameters: Callable[[ModelConfig, int, int], int
     total_steps = t.max_train_steps or (t.num_epochs * steps_per_epoch if steps_per_epoch else None)
     chosen = {}
     if t.learning_rate == "auto":
-        t.learning_rate = chosen["learning_rate"] = auto_learning_rate(num_parameters)
+        t.learning_rate = chosen["learning_rate"] = auto_learning_rate(num_parameters, bool(t.pretrained_model_path))
     if t.lr_warmup_steps == "auto" and total_steps is not None:
         t.lr_warmup_steps = chosen["lr_warmup_steps"] = auto_warmup_steps(total_steps)
     precision, precision_notice = resolve_precision(t.mixed_precision, device_type, native_bf16)

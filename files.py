@@ -19,6 +19,7 @@ from typing import Iterator
 from config import UserError
 
 PARTIAL = ".partial"  # the suffix of everything not yet complete: never read, and cleared before a new attempt
+OLD = ".old"  # the suffix of a folder's previous version while replace_folder swaps in the new one
 
 
 def temp_path(path: Path) -> Path:
@@ -56,16 +57,36 @@ def partial_folder(path: Path) -> Path:
     return path.with_name(path.name + PARTIAL)
 
 
+def aside(path: Path) -> Path:
+    """Where replace_folder keeps the old version of `path` while the new one moves in."""
+    return path.with_name(path.name + OLD)
+
+
+def current_version(path: Path) -> Path:
+    """`path`, or its old version beside it while a replace_folder is between its two renames (or a crash stopped it
+    there): what a reader opens."""
+    return aside(path) if not path.exists() and aside(path).is_dir() else path
+
+
+def restore_interrupted(path: Path) -> None:
+    """Finish what a crash left of a replace_folder of `path` between its renames: the old version goes back under
+    `path` when no new one arrived, and is deleted when one did."""
+    old = aside(path)
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def replace_folder(complete: Path, path: Path) -> None:
     """Move a complete folder to `path`, replacing what is there: the old folder is renamed aside first, then the
     new one into place, then the old one deleted. A crash at any moment leaves a whole folder, new or old, under
-    `path` or beside it (`path`.old), never a half-written one under `path`."""
-    aside = path.with_name(path.name + ".old")
-    shutil.rmtree(aside, ignore_errors=True)
+    `path` or beside it (`path`.old, which current_version finds and restore_interrupted puts back), never a
+    half-written one under `path`, and never neither."""
+    restore_interrupted(path)  # an old version left aside by a crash is the only one: never delete it first
     if path.exists():
-        os.replace(path, aside)
+        os.replace(path, aside(path))
     os.replace(complete, path)
-    shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(aside(path), ignore_errors=True)
 
 
 @contextlib.contextmanager

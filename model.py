@@ -86,8 +86,11 @@ def load_model(path: str, flag: str = "--model_path", dtype: Optional[torch.dtyp
     - a folder holding a diffusers unet/ (and scheduler/) without the pipeline's model_index.json;
     - a checkpoint of older versions, without unet/: its training weights (model.safetensors) and config.json;
     - a Hugging Face Hub id such as google/ddpm-cifar10-32.
-    Anything else is a UserError naming the flag."""
-    folder = Path(path).expanduser()
+    Anything else is a UserError naming the flag. While train_ddpm.py replaces the folder (or after a crash stopped
+    it halfway), its previous version is loaded."""
+    from files import current_version
+
+    folder = current_version(Path(path).expanduser())
     hint = "pass the final_model/ folder that train_ddpm.py writes"
     if not folder.is_dir():
         if not HUB_ID.fullmatch(path):

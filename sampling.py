@@ -12,7 +12,7 @@ import inspect
 import math
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import imageio.v3 as iio
 import torch
@@ -29,7 +29,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
+from config import UserError
 from files import atomic_file, write_json
+
+T = TypeVar("T")
 
 # name -> (scheduler class, settings over the trained DDPM config). Each of these is correct in the loop
 # of sample_images: it calls scale_model_input and init_noise_sigma (Euler, Heun) and passes the per-image
@@ -158,12 +161,59 @@ def generate(unet, sampler: SchedulerMixin, seeds: list[int], num_inference_step
 # ---------------------------------------------------------------------------------------------------
 
 
-def process_state():
+def process_state(timeout_s: Optional[float] = None):
     """This process among those accelerate launch or torchrun started (alone when run plainly), on its device: a
-    GPU when there is one, else the CPU (accelerate must be told, or torchrun's CPU processes each run alone)."""
+    GPU when there is one, else the CPU (accelerate must be told, or torchrun's CPU processes each run alone).
+    timeout_s: how long one collective may wait before the run stops as hung (the first call sets it: the process
+    group is made here, before any Accelerator); None keeps torch's default (10 minutes for NCCL, 30 for gloo)."""
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available())
+    timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    return PartialState(cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available(), **timeout)
+
+
+def first_alone(state, work: Callable[[], T], local: bool = False, poll_s: float = 1.0) -> T:
+    """work() on the main process (local: on each machine's main process) first, then on the others, as accelerate's
+    main_process_first, but the others never sit in one collective while it works: a barrier held for the hour a
+    large data cache takes would hit the process group's timeout and kill the run. The first process works in a
+    thread while every process checks in together every poll_s. If the work fails there, that process raises its
+    error and the others exit quietly with the same kind of exit code (2 for a user's mistake, else 1)."""
+    if state.num_processes == 1:
+        return work()
+    import threading
+
+    import torch.distributed as dist
+
+    first = state.is_local_main_process if local else state.is_main_process
+    outcome: dict = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as e:  # handed to the main thread, which raises it
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    if first:
+        threading.Thread(target=run, name="first_alone", daemon=True).start()
+    while True:
+        finished = done.wait(poll_s) if first else True
+        error = outcome.get("error")
+        failure = 0 if error is None else 2 if isinstance(error, UserError) else 1
+        status = torch.tensor([int(not finished), failure], device=state.device)
+        dist.all_reduce(status, op=dist.ReduceOp.MAX)
+        working, failure = status.tolist()
+        if not working:
+            break
+    if "error" in outcome:
+        raise outcome["error"]
+    if failure:
+        raise SystemExit(failure)  # the failing process has printed why
+    return outcome["result"] if first else work()
 
 
 def sampling_dtype(requested: str, device: torch.device, quiet: bool = False) -> torch.dtype:

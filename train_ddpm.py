@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -33,7 +34,7 @@ from checkpoint import (CHECKPOINT_NAME, Progress, ema_weights, find_checkpoint,
                         register_wrapper_free_weights, save_checkpoint, saved_layout)
 from dataset import batches_per_epoch, check_source, load_dataset, make_dataloader, to_model_input
 from ema import POSTHOC_LENGTHS, SNAPSHOT_FOLDER, PowerEMA, drop_snapshots_after
-from files import atomic_folder, read_json, write_json
+from files import OLD, atomic_folder, read_json, restore_interrupted, write_json
 from model import build_noise_scheduler, build_unet, count_parameters, load_model, save_model
 
 RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png", "best_model",
@@ -69,7 +70,9 @@ def parse_config(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
         values, options = config_module.parse_cli(argv, prog, doc, base, sections, config_module.PRESETS, EXTRA_FLAGS)
         config_module.refuse_changes_on_resume(base, values)
         cfg = config_module.build(Config, values)
-        cfg.training.resume_from_checkpoint = str(checkpoint)  # "latest" found once, and recorded as a path
+        # "latest" found once, and recorded as a path: under its own name even if a crash left it renamed aside
+        # (checkpoint-*.old), which the main process puts back before any process loads it (agree_on_checkpoint)
+        cfg.training.resume_from_checkpoint = str(checkpoint.with_name(checkpoint.name.removesuffix(OLD)))
     config_module.validate_training(cfg)
     check_source(cfg.training.dataset_name, cfg.data)
     return cfg, getattr(options, "dry_run", False)
@@ -322,20 +325,29 @@ def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int)
 
 
 def previous_run_outputs(out: Path) -> list[Path]:
+    """What a run writes into output_dir (old versions a crash left aside by files.replace_folder included)."""
     if not out.is_dir():
         return []
-    return sorted(p for p in out.iterdir() if p.name in RUN_OUTPUTS or CHECKPOINT_NAME.match(p.name)
-                  or p.name.startswith("samples_epoch_"))
+    return sorted(p for p in out.iterdir() if (name := p.name.removesuffix(OLD)) in RUN_OUTPUTS
+                  or CHECKPOINT_NAME.match(name) or name.startswith("samples_epoch_"))
+
+
+def saved_models(outputs: list[Path]) -> list[Path]:
+    """The outputs that make a folder a run: a checkpoint, final_model/ or best_model/. A run that stopped before
+    any of them (a crash in its first steps) left only its config.json, logs and pictures: a rerun replaces them."""
+    return [p for p in outputs if (name := p.name.removesuffix(OLD)) in ("final_model", "best_model")
+            or CHECKPOINT_NAME.match(name)]
 
 
 def check_output_dir(cfg: Config) -> None:
     """Before any work: never mix a new run into an old one, and never train into a folder that cannot be made."""
     out = Path(cfg.training.output_dir).expanduser()
-    held = previous_run_outputs(out)
+    held = saved_models(previous_run_outputs(out))
     if held and not cfg.training.resume_from_checkpoint and not cfg.training.overwrite_output_dir:
-        raise UserError(f"output_dir {out} already holds a run ({', '.join(p.name for p in held[:3])}...); continue "
-                        f"it with --resume_from_checkpoint latest, start over with --overwrite_output_dir, or pick "
-                        f"another --output_dir")
+        resumable = any(CHECKPOINT_NAME.match(p.name.removesuffix(OLD)) for p in held)
+        raise UserError(f"output_dir {out} already holds a run ({', '.join(p.name for p in held[:3])}...); "
+                        + ("continue it with --resume_from_checkpoint latest, " if resumable else "")
+                        + "start over with --overwrite_output_dir, or pick another --output_dir")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise UserError(f"output_dir {out} is not writable ({existing} is not a writable folder); pass a "
@@ -346,7 +358,11 @@ def prepare_output_dir(cfg: Config) -> Path:
     """Create output_dir, clearing a previous run's outputs when --overwrite_output_dir asks for it."""
     out = Path(cfg.training.output_dir).expanduser()
     if not cfg.training.resume_from_checkpoint:
-        for old in previous_run_outputs(out):
+        previous = previous_run_outputs(out)
+        if previous and not cfg.training.overwrite_output_dir:  # check_output_dir let only a failed start through
+            print(f"notice: {out} held what a run that saved no checkpoint wrote ("
+                  f"{', '.join(p.name for p in previous[:3])}); starting afresh there")
+        for old in previous:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -445,27 +461,60 @@ def warn_if_long_on_cpu(device: torch.device, steps_left: int, seconds_per_step:
 # ---------------------------------------------------------------------------------------------------
 
 
-def start_processes():
+def start_processes(cfg: Config):
     """Stage 1: this process among the run's (accelerate launch, torchrun: one per GPU, or CPU processes), on its
     device, and a seed drawn for all of them (used when --seed is none)."""
     from accelerate.utils import broadcast_object_list
 
     from sampling import process_state
 
-    state = process_state()
+    state = process_state(cfg.training.ddp_timeout)
     if state.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return state, broadcast_object_list([secrets.randbits(31)])[0]
 
 
+def agree_on_checkpoint(cfg: Config, state) -> Optional[Path]:
+    """Stage 1, resuming: the checkpoint that every process loads. parse_config found it on each process before they
+    met. Now the main process puts back what a crash left renamed aside (files.restore_interrupted), then tells the
+    others its choice; each checks that it found the same one and sees it whole. Processes on machines that do not
+    share output_dir, or whose network file system does not show them the newest checkpoint yet, stop the run with
+    one error, where they would have resumed from another checkpoint than the rest and hung."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    wanted = cfg.training.resume_from_checkpoint
+    if not wanted:
+        return None
+    checkpoint = Path(wanted)
+    if state.is_main_process:
+        for path in (checkpoint, *previous_run_outputs(Path(cfg.training.output_dir).expanduser())):
+            restore_interrupted(path.with_name(path.name.removesuffix(OLD)))
+    if state.num_processes == 1:
+        return checkpoint
+    chosen = broadcast_object_list([wanted])[0]  # sent once the main process has put everything back
+    seen = wanted == chosen and (checkpoint / "progress.json").exists()
+    views = gather_object([(state.process_index, socket.gethostname(), wanted, seen)])
+    apart = [(rank, host, theirs) for rank, host, theirs, ok in views if not ok]
+    if apart and state.is_main_process:
+        raise UserError(f"processes {', '.join(f'{rank} ({host})' for rank, host, _ in apart)} do not see {chosen} "
+                        f"as the checkpoint to resume (they found {sorted({theirs for _, _, theirs in apart})}): a run "
+                        f"on several machines needs an output_dir that all of them share and see up to date (README); "
+                        f"start it again, or pass --resume_from_checkpoint with a checkpoint folder")
+    if apart:
+        raise SystemExit(config_module.EXIT_USER_ERROR)  # the main process prints why
+    return checkpoint
+
+
 def load_inputs(cfg: Config, state):
     """Stage 2: everything the run reads, and that can fail, before anything is written: the dataset (downloaded
     and cached once per machine: its local main process first, the others then open the same cache file), the
     pretrained UNet of a fine-tune, and for --eval_epochs the Inception weights and the reference statistics."""
+    from sampling import first_alone
+
     t = cfg.training
-    with state.local_main_process_first():
-        dataset = load_dataset(t.dataset_name, t.image_size, cfg.data, progress=state.is_local_main_process)
+    dataset = first_alone(state, lambda: load_dataset(t.dataset_name, t.image_size, cfg.data,
+                                                      progress=state.is_local_main_process), local=True)
     # A resumed fine-tune gets its weights from the checkpoint; its config holds the pretrained architecture.
     pretrained = None
     if t.pretrained_model_path and not t.resume_from_checkpoint:
@@ -560,7 +609,8 @@ def train(cfg: Config) -> int:
     from tqdm.auto import tqdm
 
     # --- 1. Processes and seed -----------------------------------------------------------------------
-    state, drawn_seed = start_processes()
+    state, drawn_seed = start_processes(cfg)
+    resumed_from = agree_on_checkpoint(cfg, state)
     main, device = state.is_main_process, state.device
     # --- 2. Inputs: data, pretrained weights, Inception (nothing written yet) ------------------------
     dataset, pretrained, evaluation = load_inputs(cfg, state)
@@ -587,7 +637,6 @@ def train(cfg: Config) -> int:
                                          mixed_precision=run.precision, device=str(device),
                                          dataset_images=len(dataset))
     # --- 5. Resume -----------------------------------------------------------------------------------
-    resumed_from = Path(t.resume_from_checkpoint) if t.resume_from_checkpoint else None  # found by parse_config
     progress = Progress()
     if resumed_from:
         progress = resume(accelerator, parts, run, resumed_from)
@@ -696,12 +745,16 @@ class Evaluation:
 
     def __init__(self, cfg: Config, state, dataset):
         from metrics import load_inception, reference_statistics
+        from sampling import first_alone
 
         self.cfg, self.best_dir = cfg, Path(cfg.training.output_dir).expanduser() / "best_model"
         main = state.is_main_process
-        with state.main_process_first():  # the weights download once
-            self.inception = load_inception(cfg.training.inception_weights, state.device, progress=main)
-            self.reference = reference_statistics(dataset, self.inception, state.device, main) if main else None
+
+        def load():  # on the main process first: the weights download once
+            inception = load_inception(cfg.training.inception_weights, state.device, progress=main)
+            return inception, reference_statistics(dataset, inception, state.device, main) if main else None
+
+        self.inception, self.reference = first_alone(state, load)
         self.best_fid = math.inf
         if (self.best_dir / "metrics.json").exists():  # a resumed run competes with its earlier best
             self.best_fid = read_json(self.best_dir / "metrics.json")["fid"]

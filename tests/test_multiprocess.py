@@ -4,9 +4,11 @@ depend on the process count (as a pretrained model, for inference, resumed by on
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +17,16 @@ from accelerate.data_loader import prepare_data_loader
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, TINY_RUN, cli_env, run_cli
+import train_ddpm
+from conftest import ROOT, TINY_RUN, call, cli_env, run_cli
 from dataset import ImageCache, make_dataloader
 from model import load_model
 
 
-def launch(launcher: list[str], *args) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", *launcher, str(ROOT / "train_ddpm.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=600, env=cli_env(), cwd=ROOT)
+def launch(launcher: list[str], *args, script: Path = ROOT / "train_ddpm.py", env: dict = {}
+           ) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", *launcher, str(script), *map(str, args)],
+                          capture_output=True, text=True, timeout=600, env={**cli_env(), **env}, cwd=ROOT)
     assert proc.returncode == 0, f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
     return proc
 
@@ -91,6 +95,40 @@ def test_two_processes_train_write_once_and_resume_in_one(image_folder, tmp_path
     event_files = list((out / "logs").rglob("events.out.tfevents.*"))
     steps = sorted(step for f in event_files for step in loss_steps(f))
     assert steps == [1, 2, 3, 4, 5, 6]  # written by one process only, and resumed from where the run ended
+
+
+def test_resumed_by_more_processes_with_another_accumulation_while_the_cache_builds_slowly(image_folder, tmp_path,
+                                                                                          capsys):
+    """One process stops in the middle of an epoch, after 3 micro-steps (accelerate saves that count in
+    random_states_0.pkl); two processes resume it with --gradient_accumulation_steps 2, 2 micro-steps an epoch each.
+    Process 0 would restore count 3 and process 1, new, start at 0: in the first epoch process 0 would step its
+    optimizer at count 4 and at the epoch's end, process 1 only at the end, so their gradients would be averaged
+    across different steps and every later epoch would end at another step on each (on the previous code process 1
+    saved checkpoint-epoch-2 at step 4 while process 0 trained on, and their next collectives timed out). Every process
+    saves every checkpoint at the same step.
+
+    The resumed run reads its images from a new --data_dir, whose cache takes 10 s to build (tests/train_with_hooks.py)
+    while --ddp_timeout is 5 s: a barrier held by the second process for the whole build would time out (gloo honours
+    the timeout as NCCL does; on the previous code this run failed so)."""
+    out = tmp_path / "run"
+    args = [*TINY_RUN, "--train_batch_size", 3, "--dataset_name", "custom", "--dataset_path", image_folder,
+            "--output_dir", out]
+    first = call(train_ddpm.main, [*args, "--data_dir", tmp_path / "data", "--max_train_steps", 3], capsys)
+    assert first.returncode == 0 and "done: 3 steps" in first.stdout
+    assert json.loads((out / "checkpoint-step-3" / "progress.json").read_text())["batches_in_epoch"] == 3
+
+    started = time.monotonic()
+    resumed = launch(TORCHRUN, *args, "--data_dir", tmp_path / "new_data", "--resume_from_checkpoint", "latest",
+                     "--max_train_steps", 6, "--gradient_accumulation_steps", 2, "--save_model_epochs", 1,
+                     "--ddp_timeout", 5, script=ROOT / "tests" / "train_with_hooks.py", env={"SLOW_CACHE_S": "10"})
+    assert time.monotonic() - started > 10 and list((tmp_path / "new_data" / "cache").glob("*.npy"))
+    assert "processes 1 -> 2, gradient_accumulation_steps 1 -> 2" in resumed.stdout
+    saves = re.findall(r"process (\d) saves (\S+) at global step (\d+)", resumed.stdout)
+    by_process = {p: [(name, int(step)) for q, name, step in saves if q == p] for p in ("0", "1")}
+    # 2 micro-steps a process an epoch: one optimizer step an epoch, epochs 2, 3 and 4 (1-based) after the resume.
+    assert by_process["0"] == by_process["1"] == [("checkpoint-epoch-2", 4), ("checkpoint-epoch-3", 5),
+                                                  ("checkpoint-epoch-4", 6)], resumed.stdout
+    assert resumed.stdout.count("done: 6 steps") == 1
 
 
 def test_each_image_is_seen_once_per_epoch_across_processes(tmp_path):

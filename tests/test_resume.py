@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import config
 from checkpoint import find_checkpoint
 from model import count_parameters
-from conftest import ROOT, TINY_MODEL, TINY_RUN, cli_env, run_cli
+from conftest import ROOT, TINY_MODEL, TINY_RUN, assert_user_error, call, cli_env, run_cli
 
 # 12 images in batches of 4: 3 optimizer steps an epoch, so step 4 is in the middle of epoch 2.
 # A warm-up schedule makes the LR change across the resume point without depending on the run's length.
@@ -341,3 +341,109 @@ def test_lr_curve_is_diffusers_schedule_and_extends_without_a_jump(kind):
     curve.extend(6, 20, warmup=3)  # the run goes on to step 20
     assert curve(6) == pytest.approx(at_resume)
     assert curve(20) == (at_resume if kind.startswith("constant") else 0) and curve(13) <= at_resume
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_simply_started_again(image_folder, tmp_path, capsys,
+                                                                              monkeypatch):
+    import train_ddpm
+
+    out = tmp_path / "run"
+    args = train_args(image_folder, out, "--max_train_steps", 2)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (a test's stand-in)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_ddpm, "train_step", out_of_memory)
+        with pytest.raises(RuntimeError, match="stand-in"):
+            call(train_ddpm.main, args, capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "logs", "sample_training_data.png"]
+    failed_logs = set((out / "logs").rglob("events.out.tfevents.*"))
+    no_checkpoint = call(train_ddpm.main, ["--output_dir", out, "--resume_from_checkpoint", "latest"], capsys)
+    assert_user_error(no_checkpoint, "no checkpoint", "train without it")
+    rerun = call(train_ddpm.main, args, capsys)  # the same command again
+    assert rerun.returncode == 0, rerun.stderr
+    assert "held what a run that saved no checkpoint wrote (config.json, logs, sample_training_data.png)" in rerun.stdout
+    assert "done: 2 steps" in rerun.stdout and (out / "checkpoint-step-2").is_dir()
+    logs = set((out / "logs").rglob("events.out.tfevents.*"))
+    assert failed_logs and len(logs) == len(failed_logs) and not logs & failed_logs, "the failed start's logs go"
+
+
+@pytest.mark.parametrize("held, refused_with", [
+    (["config.json", "logs", "sample_training_data.png", "samples_epoch_1.png"], None),  # a failed start: reused
+    (["config.json", "logs", "best_model"], "start over with --overwrite_output_dir"),  # a model, but no checkpoint
+    (["config.json", "logs", "checkpoint-step-4.old"], "continue it with --resume_from_checkpoint latest"),
+    (["final_model.old"], "already holds a run (final_model.old...)"),
+])
+def test_only_a_folder_that_holds_a_model_is_a_run(tmp_path, held, refused_with):
+    import train_ddpm
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in held:
+        (out / name).mkdir() if "." not in name or name.endswith(".old") else (out / name).write_text("x")
+    cfg, _ = train_ddpm.parse_config(["--output_dir", str(out)])
+    if refused_with is None:
+        train_ddpm.check_output_dir(cfg)
+        train_ddpm.prepare_output_dir(cfg)
+        assert list(out.iterdir()) == []
+        return
+    with pytest.raises(config.UserError) as refused:
+        train_ddpm.check_output_dir(cfg)
+    assert refused_with in str(refused.value)
+    assert ("--resume_from_checkpoint" in str(refused.value)) == any(n.startswith("checkpoint") for n in held)
+
+
+def test_a_crash_between_the_renames_of_a_swap_leaves_the_old_version_whole(tmp_path, monkeypatch):
+    import files
+    from files import current_version, replace_folder
+
+    def folder(path: Path, text: str) -> Path:
+        path.mkdir()
+        (path / "weights").write_text(text)
+        return path
+
+    path = folder(tmp_path / "final_model", "old")
+    renames, os_replace = [], files.os.replace
+
+    def crash_before_the_second_rename(src, dst):
+        renames.append((Path(src).name, Path(dst).name))
+        if len(renames) == 2:
+            raise KeyboardInterrupt  # the process dies here
+        os_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(files.os, "replace", crash_before_the_second_rename)
+        with pytest.raises(KeyboardInterrupt):
+            replace_folder(folder(tmp_path / "new.partial", "new"), path)
+    assert renames == [("final_model", "final_model.old"), ("new.partial", "final_model")]
+    # Neither under its own name, but the old version is whole beside it, and that is what a reader opens.
+    assert not path.exists() and (tmp_path / "final_model.old" / "weights").read_text() == "old"
+    assert (current_version(path) / "weights").read_text() == "old"
+    # The next replacement puts the old one back before it starts, so it never deletes the only version.
+    replace_folder(folder(tmp_path / "newer.partial", "newer"), path)
+    assert (path / "weights").read_text() == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final_model", "new.partial"]
+
+
+def test_resume_and_readers_after_a_crash_between_the_renames(image_folder, tmp_path, capsys):
+    """A crash while a checkpoint and final_model/ were being replaced (files.replace_folder between its renames):
+    `latest`, --model_path and the overwrite check see their old versions, and the resume puts them back."""
+    import train_ddpm
+    from model import load_model
+
+    out = tmp_path / "run"
+    assert call(train_ddpm.main, train_args(image_folder, out, "--max_train_steps", 4), capsys).returncode == 0
+    newest, final = out / "checkpoint-step-4", out / "final_model"
+    for path in (newest, final):
+        path.rename(path.with_name(path.name + ".old"))  # renamed aside, the new version not yet in place
+    (out / "checkpoint-step-4.partial").mkdir()  # the new version, half-written
+    assert find_checkpoint(str(out), "latest") == out / "checkpoint-step-4.old"
+    assert load_model(str(final)).unet.config.sample_size == 16
+    cfg, _ = train_ddpm.parse_config(["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+    assert cfg.training.resume_from_checkpoint == str(newest)
+    resumed = call(train_ddpm.main, ["--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps",
+                                     6], capsys)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {newest} at step 4" in resumed.stdout and "done: 6 steps" in resumed.stdout
+    assert newest.is_dir() and final.is_dir() and not list(out.glob("*.old"))
