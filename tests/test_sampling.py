@@ -87,3 +87,29 @@ def test_image_writers_are_atomic(tmp_path):
             raise RuntimeError("crash while writing")
     assert list(tmp_path.iterdir()) == [tmp_path / "a.png"], "a failed write leaves nothing behind"
     assert sampling.grid_columns(10) == 4 and sampling.grid_columns(16) == 4 and sampling.grid_columns(5, 5) == 5
+
+
+@pytest.mark.parametrize("name", list(sampling.SAMPLER_CLASSES))
+def test_sdedit_runs_the_last_share_of_every_samplers_steps(unet, name):
+    """From the image noised to the first of the last int(10 x 0.4) = 4 steps (Heun: 2 evaluations a step but the
+    last), as diffusers' img2img pipelines; strength 1 is plain generation, bit for bit."""
+    sampler = sampling.make_sampler(name, TRAINED)
+    torch.manual_seed(3)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    calls = []
+    forward = unet.forward
+    unet.forward = lambda *args, **kwargs: (calls.append(args[1]), forward(*args, **kwargs))[1]
+    try:
+        edited = sampling.generate(unet, sampler, [5, 6], 10, 2, progress=False,
+                                   known=sampling.Known(images, strength=0.4))
+        sampler.set_timesteps(10)
+        last_four = sampler.timesteps[(10 - 4) * sampler.order:]
+        assert [int(t) for t in calls] == [int(t) for t in last_four]
+        assert len(calls) == (4 if sampler.order == 1 else 7)
+        full = sampling.generate(unet, sampler, [5, 6], 10, 2, progress=False,
+                                 known=sampling.Known(images, strength=1.0))
+    finally:
+        unet.forward = forward
+    plain = sampling.generate(unet, sampler, [5, 6], 10, 2, progress=False)
+    assert torch.equal(full, plain)
+    assert torch.isfinite(edited).all() and not torch.allclose(edited, plain, atol=1e-2)
