@@ -123,7 +123,7 @@ class Known:
     jump_length: int = 10
     jump_n_sample: int = 10
 
-    def __getitem__(self, part: slice) -> "Known":
+    def __getitem__(self, part: slice | list[int]) -> "Known":  # a batch, or a process's share
         return dataclasses.replace(self, images=self.images[part], keep=None if self.keep is None else self.keep[part])
 
 
