@@ -161,23 +161,29 @@ class Config:
 
 @dataclass
 class InferenceConfig:
-    """Settings of inference.py (generation and interpolation)."""
+    """Settings of inference.py (generation, interpolation, inpainting and image-to-image)."""
 
     model_path: Optional[str] = None  # a final_model/ or checkpoint-*/ folder (both hold a diffusers DDPMPipeline)
-    num_images: int = 16  # images to generate
-    num_inference_steps: Optional[int] = None  # denoising steps; None: the sampler's default (ddpm 1000, heun 25, the others 50: about 50 network evaluations)
+    num_images: int = 16  # images to generate (--inpaint, --init_image: results per given image, seeds seed, seed + 1, ...)
+    num_inference_steps: Optional[int] = None  # denoising steps; None: the sampler's default (ddpm 1000, heun 25, repaint 250, the others 50: about 50 network evaluations)
     seed: int = 0  # image i is drawn from seed + i, whatever the batch size
     grid_size: Optional[int] = None  # images per grid row; None: as square as the count allows
     batch_size: int = 16  # images per forward pass (halved automatically on out-of-memory)
     output_dir: str = "./inference_results"  # where PNGs, the grid and manifest.json go
     scheduler: Sampler = "heun"  # sampler (heun: the best measured at about 50 network evaluations; ddpm: the original 1000 steps)
-    eta: float = 0.0  # DDIM noise (0: deterministic, 1: DDPM-like)
+    eta: float = 0.0  # DDIM and RePaint noise (0: DDIM's deterministic step, 1: DDPM-like)
     interpolate: bool = False  # interpolate between two seeds instead of generating
     interp_steps: int = 10  # frames of the interpolation, ends included
     start_seed: int = 0  # seed of the first frame
     end_seed: int = 1000  # seed of the last frame
     interp_scheduler: Sampler = "heun"  # deterministic by default, so frames change smoothly
     fps: float = 8.0  # frames per second of interpolation.gif
+    inpaint: Optional[str] = None  # an image, or a folder of images, to inpaint with RePaint where --mask is white (default 250 steps)
+    mask: Optional[str] = None  # with --inpaint: white where the model paints, black where the image is kept, the image's size; one mask for every image, or a folder of masks named as the images
+    jump_length: int = 10  # RePaint: steps of each jump back in time (diffusers' RePaintScheduler)
+    jump_n_sample: int = 10  # RePaint: times each stretch of jump_length steps is drawn (1: no jumps)
+    init_image: Optional[str] = None  # an image, or a folder of images, to edit with SDEdit: noised --strength back, then denoised with --scheduler
+    strength: float = 0.8  # with --init_image: the share of the noise schedule to go back, in (0, 1]; small keeps layout and colours, 1 is plain generation
     display_size: int = 256  # grid.png, the strip and the GIF show each image at least this many px (0: native)
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the UNet (GPU only)
@@ -540,6 +546,35 @@ def validate_inference(cfg: InferenceConfig, given: Collection[str] = ()) -> Non
     if cfg.interpolate and "scheduler" in given:  # a value equal to the default is still the user's intent
         raise UserError(f"--scheduler does not apply to --interpolate, which samples with --interp_scheduler "
                         f"(default {InferenceConfig.interp_scheduler}); pass --interp_scheduler {cfg.scheduler}")
+    _validate_editing(cfg, given)
+
+
+def _validate_editing(cfg: InferenceConfig, given: Collection[str]) -> None:
+    """--inpaint with --mask (RePaint) and --init_image with --strength (SDEdit)."""
+    modes = [f"--{name}" for name in ("inpaint", "init_image", "interpolate") if getattr(cfg, name)]
+    if len(modes) > 1:
+        raise UserError(f"{modes[0]} and {modes[1]} are different modes; pass one of them")
+    if cfg.mask and not cfg.inpaint:
+        raise UserError("--mask needs --inpaint IMAGE_OR_FOLDER, the image(s) the mask belongs to")
+    if cfg.inpaint and not cfg.mask:
+        raise UserError("--inpaint needs --mask MASK_OR_FOLDER: white where the model paints, black where the image "
+                        "is kept")
+    for name in ("jump_length", "jump_n_sample"):
+        if name in given and not cfg.inpaint:
+            raise UserError(f"--{name} is a setting of RePaint; it needs --inpaint and --mask")
+    if cfg.inpaint and "scheduler" in given:
+        raise UserError("--scheduler does not apply to --inpaint, which samples with RePaint (diffusers' "
+                        "RePaintScheduler); leave --scheduler out")
+    if "strength" in given and not cfg.init_image:
+        raise UserError("--strength is a setting of --init_image (SDEdit); pass --init_image IMAGE_OR_FOLDER")
+    if not 0 < cfg.strength <= 1:
+        raise UserError(f"--strength must be in (0, 1], the share of the noise schedule to go back, got "
+                        f"{cfg.strength}")
+    _check_ranges(dict(jump_length=(cfg.jump_length, 1), jump_n_sample=(cfg.jump_n_sample, 1)))
+    for name in ("inpaint", "mask", "init_image"):
+        path = getattr(cfg, name)
+        if path and not Path(path).expanduser().exists():
+            raise UserError(f"--{name} {path} does not exist; pass an image file or a folder of images")
 
 
 def validate_evaluate(cfg: EvaluateConfig) -> None:

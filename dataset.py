@@ -86,13 +86,23 @@ def decode_file(file: str | IO[bytes], image_size: int, channels: int = 3) -> Op
     """One image (a path, or its bytes as a file) as uint8 [channels, S, S], or None when it cannot be read
     (truncated, not an image...)."""
     try:
-        with Image.open(file) as image:
-            image = ImageOps.exif_transpose(image)  # phone photos: stored sideways, shown upright
-            image.load()
-            pixels = resize_and_crop(image_size)(as_mode(image, channels))
+        return to_array(open_upright(file), image_size, channels)
     except UNREADABLE:
         return None
-    array = np.asarray(pixels, dtype=np.uint8)
+
+
+def open_upright(file: str | IO[bytes]) -> Image.Image:
+    """The decoded image as it is shown: phone photos are stored sideways with an EXIF orientation. Raises one of
+    UNREADABLE for a file that is not a whole image."""
+    with Image.open(file) as image:
+        upright = ImageOps.exif_transpose(image)
+        upright.load()
+    return upright
+
+
+def to_array(image: Image.Image, image_size: int, channels: int) -> np.ndarray:
+    """An image as training sees it: in the model's mode, resized and centre-cropped, uint8 [channels, S, S]."""
+    array = np.asarray(resize_and_crop(image_size)(as_mode(image, channels)), dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
@@ -273,14 +283,15 @@ def pack_letters(folder: str | Path, path: str | Path = LETTERS_FILE, image_size
     return Path(path)
 
 
-def find_images(folder: str) -> list[Path]:
+def find_images(folder: str, flag: str = "dataset_path") -> list[Path]:
+    """The image files under a folder (searched recursively), sorted; `flag` names the folder in errors."""
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise UserError(f"dataset_path {folder} is not a folder; pass --dataset_path pointing at your images")
+        raise UserError(f"{flag} {folder} is not a folder; pass --{flag} pointing at your images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
-        raise UserError(f"dataset_path {folder} holds no images (read recursively: "
-                        f"{', '.join(IMAGE_EXTENSIONS)}); add some or point --dataset_path elsewhere")
+        raise UserError(f"{flag} {folder} holds no images (read recursively: "
+                        f"{', '.join(IMAGE_EXTENSIONS)}); add some or point --{flag} elsewhere")
     return files
 
 

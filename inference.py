@@ -1,14 +1,22 @@
-"""Generate images, or a seed-to-seed interpolation, from a trained model.
+"""Generate images, or a seed-to-seed interpolation, from a trained model; or edit your own images with it.
 
     python inference.py --model_path ./results/final_model --num_images 16 --output_dir ./inference_results
     python inference.py --model_path ./results/final_model --scheduler dpmsolver++ --num_inference_steps 20
     python inference.py --model_path ./results/final_model --interpolate --interp_steps 10 --output_dir ./interp
+    python inference.py --model_path ./results/final_model --inpaint photo.png --mask hole.png --num_images 4
+    python inference.py --model_path ./results/final_model --init_image sketch.png --strength 0.6 --scheduler ddim
     accelerate launch inference.py --model_path ./results/final_model --num_images 1000   # or torchrun
 
 Image i is drawn from seed + i: the same image whatever --batch_size, device or number of processes (under
 accelerate launch or torchrun each process draws a share of the seeds; the main process writes). Every run writes
 manifest.json listing each file with its seed, sampler, steps and model. Without --num_inference_steps each
-sampler takes its own default: every training timestep (1000) for ddpm, 50 for the others.
+sampler takes its own default: every training timestep (1000) for ddpm, 50 for the others, 250 for RePaint.
+
+--inpaint (an image or a folder) fills the white region of each --mask with RePaint (Lugmayr et al. 2022) and keeps
+the black region's pixels exactly; --init_image redraws each image from --strength back in the noise schedule
+(SDEdit, Meng et al. 2022), taking that share of --num_inference_steps. Images are resized and centre-cropped as in
+training. Each image gets --num_images results, from seeds seed, seed + 1, ...: its_name_seed{N}.png, and
+inpaint_grid.png or edit_grid.png shows a row per image: the image, its mask and its results.
 """
 
 from __future__ import annotations
@@ -28,15 +36,57 @@ def parse_config(argv: Optional[list[str]] = None) -> InferenceConfig:
 
 
 def sampler_and_steps(cfg: InferenceConfig, num_train_timesteps: int) -> tuple[str, int]:
-    """The sampler of this run (--interp_scheduler when interpolating) and its steps: --num_inference_steps, else
-    the sampler's default."""
-    from sampling import default_steps
+    """The sampler of this run (--interp_scheduler when interpolating, RePaint when inpainting) and its steps:
+    --num_inference_steps, else the sampler's default."""
+    from sampling import REPAINT, default_steps
 
-    name = cfg.interp_scheduler if cfg.interpolate else cfg.scheduler
+    name = cfg.interp_scheduler if cfg.interpolate else REPAINT if cfg.inpaint else cfg.scheduler
     return name, cfg.num_inference_steps or default_steps(name, num_train_timesteps)
 
 
+def check_editing(cfg: InferenceConfig, steps: int, schedule) -> None:
+    """The edits this model and step count cannot make."""
+    from sampling import edit_steps
+
+    if cfg.inpaint and schedule.get("prediction_type", "epsilon") != "epsilon":
+        raise UserError(f"--inpaint needs a model that predicts the noise (RePaintScheduler); this one predicts "
+                        f"{schedule['prediction_type']}; use --init_image, or a model trained with --prediction_type "
+                        f"epsilon")
+    if cfg.init_image and edit_steps(steps, cfg.strength) == 0:
+        raise UserError(f"--strength {cfg.strength} of {steps} steps leaves no step to run (int({steps} x "
+                        f"{cfg.strength}) = 0); raise --strength or --num_inference_steps")
+
+
+def edit(cfg: InferenceConfig, state, unet, sampler, inputs, name: str, steps: int, dtype, out,
+         manifest: dict) -> None:
+    """Inpaint or redraw each given image num_images times; each process edits a share of the (image, seed) pairs,
+    and the main process writes them all."""
+    from editing import save_edits
+    from sampling import edit_steps, gather_by_seed, generate, shard, write_manifest
+
+    seeds = [cfg.seed + i for i in range(cfg.num_images)]
+    known = inputs.known(cfg, len(seeds))  # row j: image j // len(seeds), seed seeds[j % len(seeds)]
+    mine = shard(list(range(len(known.images))), state)
+    what = "inpainting" if cfg.inpaint else "editing"
+    results = generate(unet, sampler, [seeds[j % len(seeds)] for j in mine], steps, cfg.batch_size, dtype, cfg.eta,
+                       desc=f"{what} ({name}, {steps} steps)", progress=state.is_main_process, known=known[mine])
+    _, results = gather_by_seed(state, mine, results)
+    if not state.is_main_process:
+        return
+    grid = "inpaint_grid.png" if cfg.inpaint else "edit_grid.png"
+    files = save_edits(out, inputs, seeds, results, grid, cfg.display_size)
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    if cfg.inpaint:
+        settings = {"mode": "inpaint", "jump_length": cfg.jump_length, "jump_n_sample": cfg.jump_n_sample}
+    else:
+        settings = {"mode": "edit", "strength": cfg.strength, "steps_run": edit_steps(steps, cfg.strength)}
+    write_manifest(out, {**manifest, **settings, "image_size": size, "channels": channels, "seeds": seeds,
+                         "grid": grid, "files": files})
+    print(f"wrote {len(files)} {what} results of {len(inputs.paths)} image(s), {grid} and manifest.json to {out}")
+
+
 def run(cfg: InferenceConfig) -> None:
+    from editing import read_inputs
     from files import writable_folder
     from model import load_model
     from sampling import (gather_by_seed, generate, interpolation_noise, make_sampler, prepare_unet,
@@ -53,12 +103,18 @@ def run(cfg: InferenceConfig) -> None:
     name, steps = sampler_and_steps(cfg, trained)
     if steps > trained:
         raise UserError(f"--num_inference_steps {steps} exceeds the model's {trained} training timesteps; lower it")
+    inputs = None
+    if cfg.inpaint or cfg.init_image:  # every mistake in the given images is found before anything is written
+        check_editing(cfg, steps, saved.schedule)
+        inputs = read_inputs(cfg, saved.unet.config.sample_size, saved.unet.config.in_channels)
     out = writable_folder(cfg.output_dir) if main else None
     unet = prepare_unet(saved.unet, state.device, dtype, cfg.compile)
     sampler = make_sampler(name, saved.schedule)
     manifest = {"model_path": str(cfg.model_path), "scheduler": name, "num_inference_steps": steps,
                 "num_inference_steps_default": cfg.num_inference_steps is None, "eta": cfg.eta}
-    if not cfg.interpolate:  # each process draws its share of the seeds; the main process writes every image
+    if inputs is not None:
+        edit(cfg, state, unet, sampler, inputs, name, steps, dtype, out, manifest)
+    elif not cfg.interpolate:  # each process draws its share of the seeds; the main process writes every image
         mine = shard([cfg.seed + i for i in range(cfg.num_images)], state)
         images = generate(unet, sampler, mine, steps, cfg.batch_size, dtype, cfg.eta,
                           desc=f"generating ({name}, {steps} steps)", progress=main)

@@ -3,11 +3,13 @@ shared by the training previews, inference.py and evaluate.py.
 
 An image is addressed by its seed: its initial noise and every noise draw of a stochastic sampler come
 from a CPU generator of its own, so image i depends on (model, sampler, steps, seed) and not on the batch
-it was drawn in, the batch size or the device.
+it was drawn in, the batch size or the device. The same loop edits given images (Known): SDEdit starts it from a
+noised image, RePaint keeps part of an image and jumps back in time; each result is still addressed by its seed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
@@ -23,6 +25,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    RePaintScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -57,20 +60,35 @@ SAMPLER_CLASSES: dict[str, tuple[type[SchedulerMixin], dict]] = {
 
 
 FEW_STEP_DEFAULT = 50  # network evaluations a sample takes by default (but ddpm, which takes every timestep)
+# Inpainting's sampler: not one of SAMPLER_CLASSES, as its step needs the image and mask (Known). 250 steps is
+# RePaintPipeline's default; with its 10 jumps of 10 steps that is about 2,400 network evaluations an image.
+REPAINT = "repaint"
+REPAINT_STEPS_DEFAULT = 250
 
 
 def make_sampler(name: str, trained_scheduler_config) -> SchedulerMixin:
-    """A sampler built from the noise schedule the model was trained with."""
+    """A sampler built from the noise schedule the model was trained with (REPAINT: diffusers' RePaintScheduler)."""
+    if name == REPAINT:
+        return RePaintScheduler.from_config(trained_scheduler_config)
     cls, settings = SAMPLER_CLASSES[name]
     return cls.from_config(trained_scheduler_config, **settings)
 
 
 def default_steps(name: str, num_train_timesteps: int) -> int:
     """The denoising steps of a sampler when none are asked for: DDPM's ancestral sampler needs every training
-    timestep; the others are made for few, about 50 network evaluations a sample (Heun's 25 steps take 49)."""
+    timestep; RePaint takes its pipeline's 250; the others are made for few, about 50 network evaluations a sample
+    (Heun's 25 steps take 49)."""
     if name == "ddpm":
         return num_train_timesteps
+    if name == REPAINT:
+        return min(REPAINT_STEPS_DEFAULT, num_train_timesteps)
     return min(FEW_STEP_DEFAULT // 2 if name == "heun" else FEW_STEP_DEFAULT, num_train_timesteps)
+
+
+def edit_steps(num_inference_steps: int, strength: float) -> int:
+    """The steps SDEdit runs at this strength: the sampler's last int(steps x strength), as diffusers' img2img
+    pipelines count them (get_timesteps)."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
 
 
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -97,32 +115,88 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return out.to(a.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Known:
+    """Given images that a sampling run edits, one per noise image: float32 [N,C,H,W] in [-1, 1] on the CPU.
+
+    SDEdit (Meng et al. 2022), `keep` None: the run starts from each image noised to the timestep a `strength`
+    share of the schedule back, and takes that share of the steps (edit_steps); strength 1 is plain generation
+    from the seed's noise (as diffusers' inpainting pipelines start at full strength).
+    RePaint (Lugmayr et al. 2022), `keep` [N,1,H,W] (1 where the image is kept, 0 where the model paints), with a
+    RePaintScheduler: its step puts the image, noised to the step's level, into the kept region, so the kept
+    pixels come back exactly at t = 0; its timesteps jump back in time (jump_length steps, jump_n_sample times),
+    and the loop noises the sample forward again there, so the painted region agrees with the kept one.
+    """
+
+    images: torch.Tensor
+    keep: Optional[torch.Tensor] = None
+    strength: float = 1.0
+    jump_length: int = 10
+    jump_n_sample: int = 10
+
+    def __getitem__(self, part: slice | list[int]) -> "Known":  # a batch, or a process's share
+        return dataclasses.replace(self, images=self.images[part], keep=None if self.keep is None else self.keep[part])
+
+
+def _timesteps(sampler: SchedulerMixin, num_inference_steps: int, known: Optional[Known]) -> torch.Tensor:
+    """Set the sampler up for one batch and return the timesteps to visit, in order (RePaint's go back and forth)."""
+    if isinstance(sampler, RePaintScheduler):
+        sampler.set_timesteps(num_inference_steps, known.jump_length, known.jump_n_sample)
+        return sampler.timesteps
+    sampler.set_timesteps(num_inference_steps)
+    if known is None or known.strength >= 1:
+        return sampler.timesteps
+    first = (num_inference_steps - edit_steps(num_inference_steps, known.strength)) * sampler.order
+    if hasattr(sampler, "set_begin_index"):  # multistep and sigma samplers count their steps from here
+        sampler.set_begin_index(first)
+    return sampler.timesteps[first:]
+
+
+def _start(sampler: SchedulerMixin, noise: torch.Tensor, timesteps: torch.Tensor, known: Optional[Known]):
+    """The sample the loop starts from: the seed's noise, or (SDEdit) the image noised to the first timestep."""
+    if known is None or known.keep is not None or known.strength >= 1:
+        return noise * sampler.init_noise_sigma
+    return sampler.add_noise(known.images, noise, timesteps[:1].repeat(len(noise)))
+
+
 def _denoise(unet, sampler: SchedulerMixin, noise: torch.Tensor, generators: list[torch.Generator],
-             num_inference_steps: int, dtype: torch.dtype, step_kwargs: dict) -> torch.Tensor:
-    """Run the sampler from `noise` (float32, CPU) to images in [0, 1] (float32, CPU)."""
+             num_inference_steps: int, dtype: torch.dtype, step_kwargs: dict,
+             known: Optional[Known] = None) -> torch.Tensor:
+    """Run the sampler from `noise` (float32, CPU) to images in [0, 1] (float32, CPU), editing `known` if given."""
     device = next(unet.parameters()).device
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    sampler.set_timesteps(num_inference_steps)
-    takes_generator = "generator" in inspect.signature(sampler.step).parameters
-    x = noise.to(device) * sampler.init_noise_sigma  # the latents stay float32 for an exact sampler
-    for t in sampler.timesteps:
-        model_input = sampler.scale_model_input(x, t).to(dtype=dtype, memory_format=memory_format)
-        eps = unet(model_input, t, return_dict=False)[0].float()
-        extra = {"generator": generators} if takes_generator else {}
-        x = sampler.step(eps, t, x, **extra, **step_kwargs, return_dict=False)[0]
+    timesteps = _timesteps(sampler, num_inference_steps, known)
+    x = _start(sampler, noise, timesteps, known).to(device)  # the latents stay float32 for an exact sampler
+    if "generator" in inspect.signature(sampler.step).parameters:
+        step_kwargs = {**step_kwargs, "generator": generators}
+    if known is not None and known.keep is not None:  # RePaintScheduler.step merges the kept region itself
+        step_kwargs = {**step_kwargs, "original_image": known.images.to(device), "mask": known.keep.to(device)}
+    previous = None
+    for t in timesteps:
+        if previous is not None and t > previous:  # RePaint's jump back in time: noise the sample forward again
+            x = sampler.undo_step(x, previous, generators)
+        else:
+            model_input = sampler.scale_model_input(x, t).to(dtype=dtype, memory_format=memory_format)
+            eps = unet(model_input, t, return_dict=False)[0].float()
+            x = sampler.step(eps, t, x, **step_kwargs, return_dict=False)[0]
+        previous = t
     return (x / 2 + 0.5).clamp(0, 1).cpu()
 
 
 @torch.no_grad()
 def sample_images(unet, sampler: SchedulerMixin, noise: torch.Tensor, generators: list[torch.Generator],
                   num_inference_steps: int, batch_size: int, dtype: torch.dtype = torch.float32,
-                  eta: float = 0.0, desc: str = "sampling", progress: bool = True) -> torch.Tensor:
-    """Denoise each noise image with its own generator, batch_size at a time; images in [0, 1] on the CPU.
+                  eta: float = 0.0, desc: str = "sampling", progress: bool = True,
+                  known: Optional[Known] = None) -> torch.Tensor:
+    """Denoise each noise image with its own generator (editing its known image, if given), batch_size at a time;
+    images in [0, 1] on the CPU.
 
     A CUDA out-of-memory error halves the batch and retries, with the generators rewound so the images are
     unchanged.
     """
     step_kwargs = {"eta": eta} if isinstance(sampler, DDIMScheduler) else {}
+    if isinstance(sampler, RePaintScheduler):
+        sampler.eta = eta  # its step reads the attribute, which RePaintPipeline sets so too
     done: list[torch.Tensor] = []
     with tqdm(total=len(noise), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         start = 0
@@ -131,7 +205,8 @@ def sample_images(unet, sampler: SchedulerMixin, noise: torch.Tensor, generators
             states = [g.get_state() for g in generators[start:stop]]
             try:
                 done.append(_denoise(unet, sampler, noise[start:stop], generators[start:stop],
-                                     num_inference_steps, dtype, step_kwargs))
+                                     num_inference_steps, dtype, step_kwargs,
+                                     None if known is None else known[start:stop]))
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise
@@ -148,12 +223,14 @@ def sample_images(unet, sampler: SchedulerMixin, noise: torch.Tensor, generators
 
 def generate(unet, sampler: SchedulerMixin, seeds: list[int], num_inference_steps: int, batch_size: int,
              dtype: torch.dtype = torch.float32, eta: float = 0.0, desc: str = "sampling",
-             progress: bool = True) -> torch.Tensor:
-    """Images addressed by seed: image i is a function of (model, sampler, steps, seeds[i]) alone."""
+             progress: bool = True, known: Optional[Known] = None) -> torch.Tensor:
+    """Images addressed by seed: image i is a function of (model, sampler, steps, seeds[i]) alone, and of its known
+    image when editing (seeds may repeat: one per edit of each image)."""
     cfg = unet.config
     generators = seeded_generators(seeds)
     noise = initial_noise(generators, (cfg.in_channels, cfg.sample_size, cfg.sample_size))
-    return sample_images(unet, sampler, noise, generators, num_inference_steps, batch_size, dtype, eta, desc, progress)
+    return sample_images(unet, sampler, noise, generators, num_inference_steps, batch_size, dtype, eta, desc, progress,
+                         known)
 
 
 # ---------------------------------------------------------------------------------------------------

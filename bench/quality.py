@@ -94,21 +94,26 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------
 
 
+def labelled_files(folder: str) -> tuple[list[Path], list[int], list[str]]:
+    """The image files of one sub-folder per class, in load_labelled's order, their labels and the class names."""
+    root = Path(folder)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = [(path, label) for label, name in enumerate(classes) for path in sorted((root / name).iterdir())]
+    return [path for path, _ in files], [label for _, label in files], classes
+
+
 def load_labelled(folder: str, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """uint8 [N, size, size] greyscale images and int labels from one sub-folder per class."""
     from PIL import Image
 
-    root = Path(folder)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((root / name).iterdir()):
-            with Image.open(path) as image:
-                grey = image.convert("L")
-                if grey.size != (size, size):
-                    grey = grey.resize((size, size), Image.BILINEAR)
-                images.append(np.asarray(grey, dtype=np.uint8))
-                labels.append(label)
+    paths, labels, classes = labelled_files(folder)
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            grey = image.convert("L")
+            if grey.size != (size, size):
+                grey = grey.resize((size, size), Image.BILINEAR)
+            images.append(np.asarray(grey, dtype=np.uint8))
     return np.stack(images), np.asarray(labels), classes
 
 
@@ -142,8 +147,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, p
         model.load_state_dict(saved["state"])
         return model.eval(), saved["accuracy"]
     generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(images), generator=generator)
-    held_out, train = order[: len(images) // 10], order[len(images) // 10:]
+    held_out, train = judge_split(len(images), generator)
     x = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
     y = torch.from_numpy(labels)
     torch.manual_seed(0)
@@ -166,6 +170,15 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, p
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state": model.state_dict(), "accuracy": accuracy}, path)
     return model, accuracy
+
+
+def judge_split(count: int, generator=None):
+    """The indices the judge holds out (a tenth) and trains on: the first draw of a seed-0 generator (`generator`,
+    which train_classifier goes on drawing from), so bench/inpaint.py can hold out the same letters."""
+    import torch
+
+    order = torch.randperm(count, generator=generator or torch.Generator().manual_seed(0))
+    return order[: count // 10], order[count // 10:]
 
 
 def judge(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -391,15 +404,21 @@ def reference_command(args, side: str, seed: int, run_dir: Path) -> list[str]:
             "--image_size", str(args.image_size), "--num_samples", str(args.num_samples)]
 
 
+def train_command(data: str, image_size: int, batch_size: int, steps: int, seed: int, output_dir: Path,
+                  data_dir: Path) -> list[str]:
+    """Our side's train_ddpm.py command: only data, size, model, batch, steps and seed given."""
+    m = MODEL
+    return [sys.executable, str(ROOT / "train_ddpm.py"), "--dataset_name", "custom", "--dataset_path", data,
+            "--image_size", str(image_size), "--block_out_channels", *map(str, m["block_out_channels"]),
+            "--down_block_types", *m["down_block_types"], "--up_block_types", *m["up_block_types"],
+            "--train_batch_size", str(batch_size), "--max_train_steps", str(steps), "--seed", str(seed),
+            "--output_dir", str(output_dir), "--data_dir", str(data_dir), "--overwrite_output_dir"]
+
+
 def ours_script(args, seed: int, run_dir: Path) -> str:
     """The shell commands of our side: the real CLIs, only data, size, model, batch, steps and seed given."""
-    m = MODEL
-    train = [sys.executable, str(ROOT / "train_ddpm.py"), "--dataset_name", "custom", "--dataset_path", args.data,
-             "--image_size", str(args.image_size), "--block_out_channels", *map(str, m["block_out_channels"]),
-             "--down_block_types", *m["down_block_types"], "--up_block_types", *m["up_block_types"],
-             "--train_batch_size", str(args.batch_size), "--max_train_steps", str(args.steps), "--seed", str(seed),
-             "--output_dir", str(run_dir / "run"), "--data_dir", str(Path(args.out) / "data"),
-             "--overwrite_output_dir", *shlex.split(args.ours_args)]
+    train = [*train_command(args.data, args.image_size, args.batch_size, args.steps, seed, run_dir / "run",
+                            Path(args.out) / "data"), *shlex.split(args.ours_args)]
     sample = [sys.executable, str(ROOT / "inference.py"), "--model_path", str(run_dir / "run" / "final_model"),
               "--num_images", str(args.num_samples), *shlex.split(args.sampler_args), "--batch_size", "150",
               "--output_dir", str(run_dir / "samples")]

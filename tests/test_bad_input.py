@@ -23,7 +23,7 @@ import inference
 import train_ddpm
 from config import Config, UserError
 from conftest import (TINY_MODEL, TINY_RUN, assert_user_error, call, error_line, load_cached, make_image_folder,
-                      make_mixed_mode_folder, run_cli)
+                      make_mixed_mode_folder, run_cli, save_tiny_pipeline)
 
 # Three levels (image_size must be a multiple of 4), for the UNet-shape cases.
 THREE_LEVELS = ["--block_out_channels", "16", "32", "64", "--norm_num_groups", "8",
@@ -406,3 +406,88 @@ def test_inference_cli_user_error(tmp_path):
                      "2", "--output_dir", tmp_path / "out", check=False)
     assert_user_error(result, "runs/final_mdoel", "not a local folder", "final_model/")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# inference.py: editing given images (--inpaint with --mask, --init_image with --strength)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def editing_files(tmp_path_factory) -> Path:
+    """An untrained 16px model (and one predicting v), an image, and masks right and wrong."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    root = tmp_path_factory.mktemp("editing")
+    model = save_tiny_pipeline(root / "model", size=16, channels=3)
+    pipeline = DDPMPipeline.from_pretrained(model)
+    DDPMPipeline(unet=pipeline.unet, scheduler=DDPMScheduler(prediction_type="v_prediction")).save_pretrained(
+        root / "v_model")
+    Image.fromarray((np.random.default_rng(0).random((24, 32, 3)) * 255).astype(np.uint8)).save(root / "photo.png")
+    (root / "folder" / "nested").mkdir(parents=True)
+    shutil.copy(root / "photo.png", root / "folder" / "nested" / "photo.png")
+    (root / "masks").mkdir()
+    masks = {"mask": (slice(4, 20), slice(10, 30)), "all_black": (slice(0, 0), slice(0, 0)),
+             "speck": (slice(12, 13), slice(15, 16))}  # one pixel: gone when resized to 16 px
+    for name, (rows, columns) in masks.items():
+        mask = np.zeros((24, 32), np.uint8)
+        mask[rows, columns] = 255
+        Image.fromarray(mask).save(root / f"{name}.png")
+    grey = np.zeros((24, 32), np.uint8)
+    grey[4:20, 10:30] = 255
+    grey[4, 10] = 200  # an anti-aliased edge
+    Image.fromarray(grey).save(root / "grey_levels.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "small_mask.png")
+    (root / "not_an_image.png").write_bytes(b"<html>404 Not Found</html>\n")
+    return root
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--inpaint", "photo.png", "--mask", "small_mask.png"], ["small_mask.png is 16x16 px", "photo.png is 32x24",
+                                                              "a mask must have its image's size"]),
+    (["--inpaint", "photo.png", "--mask", "grey_levels.png"], ["grey_levels.png is not black and white", "200"]),
+    (["--inpaint", "photo.png", "--mask", "all_black.png"], ["all_black.png is all black", "nothing to paint"]),
+    (["--inpaint", "photo.png", "--mask", "speck.png"], ["speck.png", "vanishes", "16x16 px", "larger region"]),
+    (["--inpaint", "missing.png", "--mask", "mask.png"], ["--inpaint", "missing.png does not exist"]),
+    (["--inpaint", "photo.png", "--mask", "missing.png"], ["--mask", "missing.png does not exist"]),
+    (["--init_image", "missing.png"], ["--init_image", "missing.png does not exist"]),
+    (["--inpaint", "not_an_image.png", "--mask", "mask.png"], ["not_an_image.png is not a readable image"]),
+    (["--inpaint", "photo.png", "--mask", "not_an_image.png"], ["--mask", "not_an_image.png is not a readable"]),
+    (["--init_image", "photo.png", "--strength", "0"], ["--strength must be in (0, 1]", "got 0.0"]),
+    (["--init_image", "photo.png", "--strength", "1.5"], ["--strength must be in (0, 1]", "got 1.5"]),
+    (["--init_image", "photo.png", "--strength", "0.01"], ["--strength 0.01 of 2 steps leaves no step to run"]),
+    (["--mask", "mask.png"], ["--mask needs --inpaint"]),
+    (["--inpaint", "photo.png"], ["--inpaint needs --mask", "white where the model paints"]),
+    (["--strength", "0.5"], ["--strength is a setting of --init_image"]),
+    (["--jump_length", "5"], ["--jump_length is a setting of RePaint", "--inpaint"]),
+    (["--inpaint", "photo.png", "--mask", "mask.png", "--jump_n_sample", "0"], ["--jump_n_sample must be at least 1"]),
+    (["--inpaint", "photo.png", "--mask", "mask.png", "--init_image", "photo.png"],
+     ["--inpaint and --init_image are different modes"]),
+    (["--init_image", "photo.png", "--interpolate"], ["--init_image and --interpolate are different modes"]),
+    (["--inpaint", "photo.png", "--mask", "mask.png", "--scheduler", "ddim"], ["--scheduler does not apply to "
+                                                                               "--inpaint", "RePaint"]),
+    (["--inpaint", "photo.png", "--mask", "masks"], ["--mask", "masks is a folder but --inpaint is one image"]),
+    (["--inpaint", "folder", "--mask", "masks"], ["holds no images", "--mask"]),
+    (["--inpaint", "folder", "--mask", "folder"], None),  # a mask folder of the image itself: grey levels
+    (["--inpaint", "photo.png", "--mask", "mask.png", "--model_path", "v_model"], ["--inpaint needs a model that "
+                                                                                    "predicts the noise",
+                                                                                    "v_prediction"]),
+])
+def test_editing_input_errors(argv, words, editing_files, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(editing_files)
+    argv = ["--model_path", "model", "--num_images", "1", "--num_inference_steps", "2", "--output_dir",
+            tmp_path / "out", *argv]
+    line = assert_user_error(call(inference.main, argv, capsys), *(words or []))
+    if words is None:
+        assert "photo.png is not black and white" in line
+    assert not (tmp_path / "out").exists(), "a mistake in the inputs is found before anything is written"
+
+
+def test_editing_a_folder_names_the_image_without_a_mask(editing_files, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(editing_files)
+    (tmp_path / "masks" / "nested").mkdir(parents=True)
+    shutil.copy(editing_files / "mask.png", tmp_path / "masks" / "nested" / "other.png")
+    result = call(inference.main, ["--model_path", "model", "--inpaint", "folder", "--mask", tmp_path / "masks",
+                                   "--output_dir", tmp_path / "out"], capsys)
+    assert_user_error(result, "holds no mask for folder/nested/photo.png", "nested/photo.png",
+                      "add a mask named as the image")

@@ -8,7 +8,9 @@ import re
 import shlex
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import ROOT, make_bars_folder, save_tiny_pipeline
 
@@ -16,6 +18,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import eval_throughput  # noqa: E402
 import fine_tune  # noqa: E402
+import inpaint  # noqa: E402
 import memory  # noqa: E402
 import quality  # noqa: E402
 import sample_throughput  # noqa: E402
@@ -104,6 +107,37 @@ def test_fine_tune(tmp_path, capsys):
     assert re.search(r"fine-tune LR auto +\(LR 1\.7e-04\) +distance +\d", printed), printed
     assert re.search(r"fine-tune LR 1\.0e-03 +\(LR 1\.0e-03\) +distance", printed), printed
     assert "best: " in printed and (tmp_path / "out" / "compare-pre2-steps2-seed0.png").exists()
+
+
+def test_inpaint(letters, tmp_path, capsys):
+    """The training folder leaves out exactly the judge's held-out letters; the scores and pictures of each mask."""
+    train = tmp_path / "train"
+    assert inpaint.main(["--data", str(letters), "--write_training_folder", str(train)]) == 0
+    held_out = quality.judge_split(18)[0].tolist()  # 3 classes of 6: one letter held out
+    paths, _, _ = quality.labelled_files(str(letters))
+    assert sorted(p.relative_to(train) for p in train.rglob("*.png")) == sorted(
+        p.relative_to(letters) for i, p in enumerate(paths) if i not in held_out)
+    assert "train_ddpm.py --dataset_name custom --dataset_path" in capsys.readouterr().out
+    model = save_tiny_pipeline(tmp_path / "model", size=16, channels=1)
+    out = tmp_path / "out"
+    assert inpaint.main(["--data", str(letters), "--model_path", str(model), "--per_class", "0", "--out", str(out),
+                         "--judge_dir", str(tmp_path / "judge"), "--sdedit_strengths", "0.5", "--sdedit_args",
+                         "--scheduler ddim --num_inference_steps 4", "--repaint_args",
+                         "--num_inference_steps 4 --jump_length 2 --jump_n_sample 2"]) == 0
+    printed = capsys.readouterr().out
+    for mask in ("right_half", "centre"):
+        assert f"{mask} (" in printed and (out / f"defaults-{mask}.png").exists()
+        assert (out / f"defaults-{mask}" / "repaint_num_inference_steps_4_jump_length_2_jump_n_sample_2" /
+                "inpaint_grid.png").exists()
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows[:3]] == ["mean", "sdedit 0.5",
+                                               "repaint --num_inference_steps 4 --jump_length 2 --jump_n_sample 2"]
+    assert len(rows) == 6 and all(0 <= r["letter"] <= 1 and r["seam"] >= 0 for r in rows)
+    # The seam: |kept - painted| over the pixel pairs the border cuts (right half: the 16 pairs of columns 7 and 8).
+    step = np.zeros((1, 16, 16))
+    step[:, :, 8:] = 40
+    assert inpaint.seam(step, inpaint.painted_region("right_half")) == 40
+    assert inpaint.seam(step, inpaint.painted_region("centre")) == 0  # the step lies inside the square: no cut pair
 
 
 def test_every_gpu_job_parses_with_its_script():

@@ -117,3 +117,29 @@ def test_more_ddim_steps_never_make_a_trained_model_worse(tmp_path, capsys):
                                    batch_size=64, progress=False)
         distance[steps] = torch.cdist(images[:, 0].flatten(1), real).min(1).values.mean().item()
     assert all(distance[steps] < 1.1 * distance[25] for steps in (50, 100, 200)), distance
+
+
+@pytest.mark.parametrize("name", list(sampling.SAMPLER_CLASSES))
+def test_sdedit_runs_the_last_share_of_every_samplers_steps(unet, name):
+    """From the image noised to the first of the last int(10 x 0.4) = 4 steps (Heun: 2 evaluations a step but the
+    last), as diffusers' img2img pipelines; strength 1 is plain generation, bit for bit."""
+    sampler = sampling.make_sampler(name, TRAINED)
+    torch.manual_seed(3)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    calls = []
+    forward = unet.forward
+    unet.forward = lambda *args, **kwargs: (calls.append(args[1]), forward(*args, **kwargs))[1]
+    try:
+        edited = sampling.generate(unet, sampler, [5, 6], 10, 2, progress=False,
+                                   known=sampling.Known(images, strength=0.4))
+        sampler.set_timesteps(10)
+        last_four = sampler.timesteps[(10 - 4) * sampler.order:]
+        assert [int(t) for t in calls] == [int(t) for t in last_four]
+        assert len(calls) == (4 if sampler.order == 1 else 7)
+        full = sampling.generate(unet, sampler, [5, 6], 10, 2, progress=False,
+                                 known=sampling.Known(images, strength=1.0))
+    finally:
+        unet.forward = forward
+    plain = sampling.generate(unet, sampler, [5, 6], 10, 2, progress=False)
+    assert torch.equal(full, plain)
+    assert torch.isfinite(edited).all() and not torch.allclose(edited, plain, atol=1e-2)
