@@ -12,7 +12,7 @@ batch and seed, and every other setting a user gets by default:
   fine-tune: --pretrained_model_path pretrain/final_model on the uppercase half for --fine_tune_steps, once with
              --learning_rate auto and once with each of --fixed_lrs;
   scratch:   (with --scratch) the uppercase half from scratch for --fine_tune_steps, LR auto: what pretraining buys.
-Then `inference.py` draws --num_samples images of each (DDIM 50, as the quality benchmark). Score: quality.py's
+Then `inference.py` draws --num_samples images of each (inference.py's default sampler, as the quality benchmark). Score: quality.py's
 judge, a small CNN trained once on the uppercase letters only (its held-out accuracy is printed): the Frechet distance
 in its features (lower is better), the mean top-1 confidence and the entropy of the predicted-class histogram.
 Appends every score to OUT/results.jsonl and writes OUT/compare-*.png (the runs left to right, in table order).
@@ -46,14 +46,14 @@ def parse_args(argv=None):
                    help="a folder of images, one sub-folder per class named lower_* or upper_*")
     p.add_argument("--pretrain_steps", type=int, default=3000, help="optimizer steps on the lowercase half")
     p.add_argument("--fine_tune_steps", type=int, default=1000, help="optimizer steps of each run on the uppercase half")
-    p.add_argument("--fixed_lrs", type=float, nargs="+", default=[1.7e-3, 5e-4, 5e-5],
+    p.add_argument("--fixed_lrs", type=float, nargs="*", default=[1.7e-3, 5e-4, 5e-5],
                    help="the fixed learning rates auto is compared with (1.7e-3: the from-scratch rule's, for this UNet)")
     p.add_argument("--scratch", action="store_true", help="also train the uppercase half from scratch")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; each gives one set of runs")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--image_size", type=int, default=16)
     p.add_argument("--num_samples", type=int, default=900)
-    p.add_argument("--sampler_args", default="--scheduler ddim --num_inference_steps 50",
+    p.add_argument("--sampler_args", default="",
                    help="inference.py flags (about 50 network evaluations a sample, as bench/quality.py)")
     p.add_argument("--jobs", type=int, default=2, help="runs at the same time (each on --threads threads)")
     p.add_argument("--threads", type=int, default=1)

@@ -168,20 +168,45 @@ def mnist_dir(tmp_path_factory) -> Path:
 EPOCHS, STEPS_PER_EPOCH = 2, 3  # of trained_run: 12 images in batches of 4
 
 
+def once_per_session(tmp_path_factory, name: str, make):
+    """make(folder) once per test session, even when pytest-xdist (pytest.ini: -n auto) runs the tests in several
+    worker processes: pytest-xdist's own recipe, a file lock in the temporary folder that the workers share, and the
+    value kept there as a pickle for the workers that come second."""
+    import pickle
+
+    from filelock import FileLock
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return make(tmp_path_factory.mktemp(name))
+    folder = tmp_path_factory.getbasetemp().parent / name
+    with FileLock(f"{folder}.lock"):
+        saved = folder / "value.pickle"
+        if saved.exists():
+            return pickle.loads(saved.read_bytes())
+        folder.mkdir(exist_ok=True)
+        value = make(folder)
+        saved.write_bytes(pickle.dumps(value))
+        return value
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, image_folder) -> tuple[Path, subprocess.CompletedProcess]:
-    """One tiny training run shared by the tests that inspect its outputs or sample from it."""
-    out = tmp_path_factory.mktemp("run") / "results"
-    proc = run_cli("train_ddpm.py", *TINY_RUN, "--dataset_name", "custom", "--dataset_path", image_folder,
-                   "--data_dir", out.parent / "data", "--output_dir", out, "--num_epochs", EPOCHS,
-                   "--save_image_epochs", 1, "--save_model_epochs", 2)
-    return out, proc
+    """One tiny training run shared by the tests that inspect its outputs or sample from it (they only read it)."""
+    def train(folder: Path) -> tuple[Path, subprocess.CompletedProcess]:
+        out = folder / "results"
+        proc = run_cli("train_ddpm.py", *TINY_RUN, "--dataset_name", "custom", "--dataset_path", image_folder,
+                       "--data_dir", folder / "data", "--output_dir", out, "--num_epochs", EPOCHS,
+                       "--save_image_epochs", 1, "--save_model_epochs", 2)
+        return out, proc
+
+    return once_per_session(tmp_path_factory, "run", train)
 
 
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory) -> Path:
     """The random-weights Inception file (about 96 MB), made once per test session."""
-    return make_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
+    return once_per_session(tmp_path_factory, "inception",
+                            lambda folder: make_random_inception_weights(folder / "random-inception.pth"))
 
 
 def save_tiny_pipeline(path: Path, size: int = 8, channels: int = 3) -> Path:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -30,6 +31,15 @@ EXACT = TINY_RUN + ["--random_flip", "--dropout", "0.1", "--lr_scheduler", "cons
 def train_args(image_folder: Path, out: Path, *extra) -> list:
     return [*EXACT, "--dataset_name", "custom", "--dataset_path", image_folder, "--data_dir", out.parent / "data",
             "--output_dir", out, *extra]
+
+
+def train(capsys, *args) -> object:
+    """train_ddpm.py in-process (conftest.call): what a new process would add is only its imports."""
+    import train_ddpm
+
+    result = call(train_ddpm.main, list(args), capsys)
+    assert result.returncode == 0, f"train_ddpm.py exited {result.returncode}\n{result.stderr[-4000:]}"
+    return result
 
 
 def load_checkpoint_state(path: Path) -> dict[str, object]:
@@ -56,17 +66,23 @@ def assert_identical(a, b, where="state"):
         assert a == b, f"{where}: {a} != {b}"
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path, accumulation):
+# The second case also runs issue 22's training options: v-prediction, EDM's loss weight and log-normal timesteps.
+V_EDM = ("--prediction_type", "v_prediction", "--loss_weighting", "edm", "--timestep_sampling", "lognormal")
+
+
+@pytest.mark.parametrize("accumulation, options", [(1, ()), (2, V_EDM)])
+def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path, accumulation, options, capsys):
     steps = 8
     straight = tmp_path / "straight"
-    run_cli("train_ddpm.py", *train_args(image_folder, straight, "--max_train_steps", steps,
-                                         "--gradient_accumulation_steps", accumulation, "--train_batch_size", 2))
+    train(capsys, *train_args(image_folder, straight, "--max_train_steps", steps,
+                              "--gradient_accumulation_steps", accumulation, "--train_batch_size", 2,
+                              *options))
     halves = tmp_path / "halves"
-    run_cli("train_ddpm.py", *train_args(image_folder, halves, "--max_train_steps", steps // 2,
-                                         "--gradient_accumulation_steps", accumulation, "--train_batch_size", 2))
-    resumed = run_cli("train_ddpm.py", "--output_dir", halves, "--resume_from_checkpoint", "latest",
-                      "--max_train_steps", steps)
+    train(capsys, *train_args(image_folder, halves, "--max_train_steps", steps // 2,
+                              "--gradient_accumulation_steps", accumulation, "--train_batch_size", 2,
+                              *options))
+    resumed = train(capsys, "--output_dir", halves, "--resume_from_checkpoint", "latest",
+                    "--max_train_steps", steps)
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
     a = load_checkpoint_state(straight / f"checkpoint-step-{steps}")
     b = load_checkpoint_state(halves / f"checkpoint-step-{steps}")
@@ -79,6 +95,13 @@ def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path, accumulation)
     final = load_file(halves / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
     name = "conv_in.weight"
     assert not torch.equal(final[name], b["model"][name])
+    if options:  # a checkpoint of such a run is a DDPMPipeline that samples with the target it was trained for
+        from diffusers import DDPMPipeline
+
+        pipeline = DDPMPipeline.from_pretrained(halves / f"checkpoint-step-{steps}")
+        assert pipeline.scheduler.config.prediction_type == "v_prediction"
+        images = pipeline(batch_size=1, num_inference_steps=3, output_type="np").images
+        assert images.ndim == 4 and np.isfinite(images).all()
 
 
 def start_training(image_folder: Path, out: Path, *extra) -> subprocess.Popen:
@@ -242,12 +265,12 @@ def test_extend_a_finished_run_with_new_settings_then_resume_an_older_one(image_
     cosine = ["--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--learning_rate", peak]
     # 6 steps: checkpoint-step-4 (periodic) and, as every run that ends normally, checkpoint-step-6; post-hoc EMA
     # snapshots every 2 steps (of 4 images).
-    run_cli("train_ddpm.py", *train_args(image_folder, out, "--max_train_steps", 6, *cosine, "--ema_snapshots", 3))
+    train(capsys, *train_args(image_folder, out, "--max_train_steps", 6, *cosine, "--ema_snapshots", 3))
     assert progress_of(out / "checkpoint-step-6")["global_step"] == 6
     # Extended to 10 steps, with other AdamW and EMA settings: they take effect and config.json records them. A new
     # batch size starts at an epoch boundary (step 6 ends epoch 2), where it changes nothing else.
-    extended = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps",
-                       10, "--adam_beta1", 0.8, "--ema_length", 0.2, "--train_batch_size", 2)
+    extended = train(capsys, "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps",
+                     10, "--adam_beta1", 0.8, "--ema_length", 0.2, "--train_batch_size", 2)
     assert "at step 6" in extended.stdout and "a new one warms up from 0 over 2 steps" in extended.stdout
     assert "train_batch_size 4 -> 2; training continues at the start of epoch 3" in extended.stdout
     state = load_checkpoint_state(out / "checkpoint-step-10")
@@ -259,8 +282,8 @@ def test_extend_a_finished_run_with_new_settings_then_resume_an_older_one(image_
     # was, and `latest` is this new branch's checkpoint-step-9, not the abandoned checkpoint-step-10.
     # Rotation drops the abandoned branch first (6, then 10; 8 is overwritten by this branch's periodic save) and
     # keeps this branch's 4, 8 and 9.
-    rollback = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "checkpoint-step-4",
-                       "--max_train_steps", 9, "--checkpoints_total_limit", 3)
+    rollback = train(capsys, "--output_dir", out, "--resume_from_checkpoint", "checkpoint-step-4",
+                     "--max_train_steps", 9, "--checkpoints_total_limit", 3)
     assert "from its current value at step 4 down to 0 at step 9" in rollback.stdout
     assert find_checkpoint(str(out), "latest") == out / "checkpoint-step-9"  # what --resume_from_checkpoint uses
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-step-{n}" for n in (4, 8, 9)]

@@ -90,9 +90,10 @@ def test_image_writers_are_atomic(tmp_path):
 
 
 def test_more_ddim_steps_never_make_a_trained_model_worse(tmp_path, capsys):
-    """A tiny UNet trained 800 steps on white bars: DDIM at 50, 100 and 200 steps is no further from the training
-    images than at 25 (nearest-neighbour distance, 10% tolerance). With the trained config's clip_sample it was:
-    x0 clipped while the predicted noise is not, so the error grew with the steps (1.8 at 25 steps, 3.9 at 200)."""
+    """A tiny UNet trained 800 steps on white bars: DDIM at 50 and 100 steps is no further from the training images
+    than at 25 (nearest-neighbour distance, 10% tolerance). With the trained config's clip_sample it was: x0 clipped
+    while the predicted noise is not, so the error grew with the steps (1.8 at 25 steps, 3.9 at 200). (After only 400
+    steps the model is too raw for the question: its unclipped samples leave [-1, 1] at any step count.)"""
     import numpy as np
     from PIL import Image
 
@@ -112,11 +113,11 @@ def test_more_ddim_steps_never_make_a_trained_model_worse(tmp_path, capsys):
     real = torch.stack([torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32) / 255)
                         for p in sorted(bars.rglob("*.png"))]).flatten(1)
     distance = {}
-    for steps in (25, 50, 100, 200):
+    for steps in (25, 50, 100):
         images = sampling.generate(saved.unet, sampling.make_sampler("ddim", saved.schedule), list(range(64)), steps,
                                    batch_size=64, progress=False)
         distance[steps] = torch.cdist(images[:, 0].flatten(1), real).min(1).values.mean().item()
-    assert all(distance[steps] < 1.1 * distance[25] for steps in (50, 100, 200)), distance
+    assert all(distance[steps] < 1.1 * distance[25] for steps in (50, 100)), distance
 
 
 @pytest.mark.parametrize("name", list(sampling.SAMPLER_CLASSES))
