@@ -296,27 +296,26 @@ def test_train_cli_user_error(tmp_path):
     assert result.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
-def test_custom_folder_without_images(tmp_path):
+def test_custom_folder_without_images(tmp_path, capsys):
     """A mistake found once the Accelerator exists (the data is read): the same one line, nothing written."""
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)
     (folder / "notes.txt").write_text("not an image")
     (folder / "sub" / "data.npy").write_bytes(b"\x93NUMPY")
-    result = run_cli("train_ddpm.py", *train_args(tmp_path, "--dataset_name", "custom", "--dataset_path", folder),
-                     check=False)
+    result = call(train_ddpm.main, train_args(tmp_path, "--dataset_name", "custom", "--dataset_path", folder), capsys)
     line = assert_user_error(result, str(folder), "--dataset_path", "holds no images")
     assert all(ext in line for ext in dataset.IMAGE_EXTENSIONS) and result.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists() and files_under(tmp_path / "data") == []
 
 
-def test_awkward_folder_trains_and_unreadable_files_are_skipped_with_a_warning(tmp_path):
+def test_awkward_folder_trains_and_unreadable_files_are_skipped_with_a_warning(tmp_path, capsys):
     """Every mode and format a user's folder may hold, images smaller than image_size, and files that are not
     readable images: the readable ones all train, the others are named in one warning."""
     folder = make_mixed_mode_folder(tmp_path / "images")
     readable = len(files_under(folder))
     bad = add_bad_files(folder)
-    result = run_cli("train_ddpm.py", *train_args(tmp_path, "--dataset_name", "custom", "--dataset_path", folder,
-                                                  "--compile"), check=False)
+    result = call(train_ddpm.main, train_args(tmp_path, "--dataset_name", "custom", "--dataset_path", folder,
+                                              "--compile"), capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     output = result.stdout + result.stderr

@@ -90,10 +90,11 @@ def test_image_writers_are_atomic(tmp_path):
 
 
 def test_more_ddim_steps_never_make_a_trained_model_worse(tmp_path, capsys):
-    """A tiny UNet trained 800 steps on white bars: DDIM at 50 and 100 steps is no further from the training images
-    than at 25 (nearest-neighbour distance, 10% tolerance). With the trained config's clip_sample it was: x0 clipped
-    while the predicted noise is not, so the error grew with the steps (1.8 at 25 steps, 3.9 at 200). (After only 400
-    steps the model is too raw for the question: its unclipped samples leave [-1, 1] at any step count.)"""
+    """A tiny UNet trained 800 steps on white bars (at 8x8 px, to be quick): DDIM at 50, 100 and 200 steps is no
+    further from the training images than at 25 (nearest-neighbour distance, 10% tolerance). With the trained config's
+    clip_sample it was: x0 clipped while the predicted noise is not, so the error grew with the steps (this model:
+    0.82 at 25 steps, 1.31 at 100 and 200; unclipped 0.93 to 0.95 at every count). (After only 400 steps the model is
+    too raw for the question: its unclipped samples leave [-1, 1] at any step count.)"""
     import numpy as np
     from PIL import Image
 
@@ -104,20 +105,21 @@ def test_more_ddim_steps_never_make_a_trained_model_worse(tmp_path, capsys):
     bars = make_bars_folder(tmp_path / "bars")
     out = tmp_path / "run"
     result = call(train_ddpm.main, [*TINY_RUN, "--dataset_name", "custom", "--dataset_path", bars, "--data_dir",
-                                    tmp_path / "data", "--output_dir", out, "--max_train_steps", 800,
+                                    tmp_path / "data", "--output_dir", out, "--max_train_steps", 800, "--image_size", 8,
                                     "--train_batch_size", 8, "--logging_steps", 100, "--save_image_epochs", 1000,
                                     "--save_model_epochs", 1000], capsys)
     assert result.returncode == 0, result.stderr[-2000:]
     saved = load_model(str(out / "final_model"))
     assert saved.schedule.clip_sample, "the trained config clips; the sampler must not"
     real = torch.stack([torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32) / 255)
-                        for p in sorted(bars.rglob("*.png"))]).flatten(1)
+                        for p in sorted(bars.rglob("*.png"))])
+    real = torch.nn.functional.interpolate(real[:, None], size=8, mode="area").flatten(1)
     distance = {}
-    for steps in (25, 50, 100):
-        images = sampling.generate(saved.unet, sampling.make_sampler("ddim", saved.schedule), list(range(64)), steps,
-                                   batch_size=64, progress=False)
+    for steps in (25, 50, 100, 200):
+        images = sampling.generate(saved.unet, sampling.make_sampler("ddim", saved.schedule), list(range(32)), steps,
+                                   batch_size=32, progress=False)
         distance[steps] = torch.cdist(images[:, 0].flatten(1), real).min(1).values.mean().item()
-    assert all(distance[steps] < 1.1 * distance[25] for steps in (50, 100)), distance
+    assert all(distance[steps] < 1.1 * distance[25] for steps in (50, 100, 200)), distance
 
 
 @pytest.mark.parametrize("name", list(sampling.SAMPLER_CLASSES))
