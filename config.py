@@ -425,7 +425,7 @@ PRESETS: dict[str, dict[str, object]] = {
         lr_warmup_steps=5000,
     ),
     # A CPU quickstart that needs no network: the bundled letters (assets/letters16.npz: 5,772 greyscale 16px letters)
-    # on a 1.0M-parameter UNet, 1,000 steps, about 10 minutes on 2 cores. The same data, model and steps as
+    # on a 1.0M-parameter UNet, 1,000 steps, 15 to 25 minutes on 2 cores. The same data, model and steps as
     # bench/quality.py's 1,000-step protocol (RESULTS.md shows what it draws). MNIST: add --dataset_name mnist.
     # An epoch of letters is 90 steps: a preview every 2 epochs, a checkpoint every 5 (and one at the end).
     "quickstart": dict(
