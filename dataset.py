@@ -591,7 +591,6 @@ class ImageCache(Dataset):
         self.labels: Optional[np.ndarray] = None  # int64 [count], an index into classes; None: no labels
         if "classes" in self.meta:
             self.labels = np.load(labels_path(path))[:count]
-        self.with_labels = False  # batches are (images, labels): a class-conditional run sets it
 
     @property
     def classes(self) -> Optional[list[str]]:
@@ -637,14 +636,23 @@ class ImageCache(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         return torch.from_numpy(np.array(self.images[index]))
 
-    def __getitems__(self, indices: list[int]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The images (uint8 [B,C,S,S]), and with with_labels their labels (int64 [B])."""
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
         order = np.argsort(indices)  # read the memory map in file order, return in the asked order
         rows = self.images[np.asarray(indices)[order]]
-        images = torch.from_numpy(rows[np.argsort(order)])
-        if not self.with_labels:
-            return images
-        return images, torch.from_numpy(self.labels[np.asarray(indices)])
+        return torch.from_numpy(rows[np.argsort(order)])
+
+
+class Labelled(Dataset):
+    """An ImageCache whose batches carry their labels, for a class-conditional run: (uint8 [B,C,S,S], int64 [B])."""
+
+    def __init__(self, cache: ImageCache):
+        self.cache, self.in_memory = cache, cache.in_memory
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.__getitems__(indices), torch.from_numpy(self.cache.labels[np.asarray(indices)])
 
 
 def cache_path(folder: Path, source: Source, size: int, requested: str) -> Path:
@@ -738,7 +746,7 @@ def batches_per_epoch(count: int, batch_size: int, num_processes: int) -> int:
     return count // global_batch
 
 
-def make_dataloader(dataset: ImageCache, batch_size: int, num_processes: int, seed: int, workers: int,
+def make_dataloader(dataset: ImageCache | Labelled, batch_size: int, num_processes: int, seed: int, workers: int,
                     pin_memory: bool) -> tuple[DataLoader, EpochShuffle]:
     batches_per_epoch(len(dataset), batch_size, num_processes)  # at least one batch on every process
     global_batch = batch_size * num_processes

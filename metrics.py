@@ -216,21 +216,25 @@ def describe(result: dict) -> str:
 
 
 def generated_features(unet, sampler, seeds: list[int], steps: int, batch_size: int, dtype, eta: float,
-                       inception: Inception, state, keep_images: bool = False, desc: str = "generating + scoring"):
+                       inception: Inception, state, keep_images: bool = False, desc: str = "generating + scoring",
+                       labels: Optional[list[int]] = None, guidance_scale: float = 1.0):
     """Features of the images of these seeds, ordered by seed, on the main process (None elsewhere); each process
-    draws its share (seeds[rank::processes]). Also the uint8 images when asked, and the seconds spent."""
+    draws its share (seeds[rank::processes]). Also the uint8 images when asked, and the seconds spent. A
+    class-conditional model draws seed i of class labels[i] with that guidance scale."""
     import torch
     from tqdm.auto import tqdm
 
-    from sampling import gather_by_seed, generate, shard, to_uint8
+    from sampling import for_model, gather_by_seed, generate, shard, to_uint8
 
     mine = shard(seeds, state)
+    my_labels = shard(labels, state) if labels is not None else None
     features, images, seconds = [], [], {"generation_s": 0.0, "features_s": 0.0}
     with tqdm(total=len(seeds), desc=desc, unit="img", disable=not state.is_main_process) as bar:
         for start in range(0, len(mine), batch_size):
             began = time.perf_counter()
+            guidance = for_model(unet, my_labels and my_labels[start:start + batch_size], guidance_scale)
             chunk = to_uint8(generate(unet, sampler, mine[start:start + batch_size], steps, batch_size, dtype, eta,
-                                      progress=False))
+                                      progress=False, guidance=guidance))
             seconds["generation_s"] += time.perf_counter() - began
             began = time.perf_counter()
             features.append(inception_features(inception, chunk, state.device))
