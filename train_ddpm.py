@@ -3,6 +3,7 @@ Hugging Face dataset (Hub id, save_to_disk folder or parquet files).
 
     python train_ddpm.py                                   # README defaults (config.py)
     python train_ddpm.py --dataset_name mnist --image_size 32 --num_epochs 5
+    python train_ddpm.py --dataset_name custom --dataset_path ./pets --class_conditional   # a class per sub-folder
     accelerate launch train_ddpm.py ...                    # several GPUs or machines
     python train_ddpm.py --resume_from_checkpoint latest   # continue a stopped run exactly
 

@@ -79,6 +79,15 @@ def test_labels_from_folders_zips_and_datasets(tmp_path):
         load(str(tmp_path / "hf"), tmp_path, label_column="size")
 
 
+def test_mnist_keeps_its_labels(mnist_dir):
+    from torchvision.datasets import MNIST
+
+    cache = dataset.load_dataset("mnist", 16, DataConfig(data_dir=str(mnist_dir)), progress=False)
+    assert cache.classes[0] == "0 - zero" and len(cache.classes) == 10
+    assert cache.labels.tolist() == MNIST(str(mnist_dir), train=True).targets.tolist()
+    assert "10 classes from mnist's labels, class-conditional" in cache.describe(False, True)
+
+
 def test_a_moved_image_rebuilds_the_cache_with_its_new_label(tmp_path):
     bars = make_bars_folder(tmp_path / "bars")
     before = load("custom", tmp_path, dataset_path=str(bars))
