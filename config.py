@@ -194,7 +194,7 @@ class InferenceConfig:
     jump_n_sample: int = 10  # RePaint: times each stretch of jump_length steps is drawn (1: no jumps)
     init_image: Optional[str] = None  # an image, or a folder of images, to edit with SDEdit: noised --strength back, then denoised with --scheduler
     strength: float = 0.8  # with --init_image: the share of the noise schedule to go back, in (0, 1]; small keeps layout and colours, 1 is plain generation
-    class_label: Optional[tuple[str, ...]] = None  # a class-conditional model: the classes to draw, by name or index, --num_images of each (one class with --interpolate); none: classes drawn by seed, in proportion to the training data
+    class_label: Optional[tuple[str, ...]] = None  # a class-conditional model: the classes to draw, by name or index, --num_images of each (--interpolate: one class for every frame, or two to go from the first to the second from --start_seed's noise); none: classes drawn by seed, in proportion to the training data
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # classifier-free guidance w of a class-conditional model: eps = uncond + w (cond - uncond); 0: unconditional, 1: conditional without guidance
     display_size: int = 256  # grid.png, the strip and the GIF show each image at least this many px (0: native)
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
@@ -558,9 +558,9 @@ def validate_inference(cfg: InferenceConfig, given: Collection[str] = ()) -> Non
     _check_sampling(cfg.num_inference_steps, cfg.batch_size, cfg.eta, cfg.guidance_scale)
     if not cfg.fps > 0:
         raise UserError(f"--fps must be positive, got {cfg.fps}")
-    if cfg.interpolate and cfg.class_label and len(cfg.class_label) > 1:
-        raise UserError(f"--interpolate keeps one class for every frame; pass one --class_label, not "
-                        f"{len(cfg.class_label)}")
+    if cfg.interpolate and cfg.class_label and len(cfg.class_label) > 2:
+        raise UserError(f"--interpolate goes between two seeds in one class, or between two classes from one seed; "
+                        f"pass one or two --class_label, not {len(cfg.class_label)}")
     if cfg.interpolate and "scheduler" in given:  # a value equal to the default is still the user's intent
         raise UserError(f"--scheduler does not apply to --interpolate, which samples with --interp_scheduler "
                         f"(default {InferenceConfig.interp_scheduler}); pass --interp_scheduler {cfg.scheduler}")

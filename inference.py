@@ -23,7 +23,8 @@ A class-conditional model (train_ddpm.py --class_conditional) draws --num_images
 number), seeds seed, seed + 1, ... for every class, with classifier-free guidance of --guidance_scale; without
 --class_label, each seed draws its class in proportion to the training data. Files are {class}_seed{N}.png, grid.png
 has a row per class, and the manifest records each image's class and the scale. Interpolation and edits keep one
-class: --class_label, else the (first) seed's.
+class: --class_label, else the (first) seed's; --interpolate with two --class_label goes from the first class to the
+second, every frame from --start_seed's noise.
 """
 
 from __future__ import annotations
@@ -116,9 +117,8 @@ def run(cfg: InferenceConfig) -> None:
     from editing import read_inputs
     from files import writable_folder
     from model import load_model
-    from sampling import (class_indices, for_model, gather_by_seed, generate, interpolation_noise, make_sampler,
-                          prepare_unet, process_state, sample_images, sampling_dtype, save_images_by_seed,
-                          save_interpolation, shard, write_manifest)
+    from sampling import (class_indices, for_model, gather_by_seed, generate, make_sampler, prepare_unet,
+                          process_state, sampling_dtype, save_images_by_seed, shard, write_manifest)
 
     state = process_state()
     main = state.is_main_process
@@ -166,18 +166,38 @@ def run(cfg: InferenceConfig) -> None:
             write_manifest(out, {**manifest, "grid": "grid.png", "files": files})
             print(f"wrote {len(images)} images, grid.png and manifest.json to {out}")
     elif main:  # a few frames: the main process draws them all, with a deterministic sampler by default
-        shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-        noise, generators, fractions = interpolation_noise(shape, cfg.start_seed, cfg.end_seed, cfg.interp_steps)
-        label = class_of_each(cfg, saved, [cfg.start_seed])  # one class for every frame
+        manifest.update(interpolate(cfg, saved, unet, sampler, steps, dtype, out, name))
+        write_manifest(out, {**manifest, "strip": "interpolation_strip.png", "gif": "interpolation.gif",
+                             "fps": cfg.fps})
+        print(f"wrote {cfg.interp_steps} frames, interpolation_strip.png and interpolation.gif to {out}")
+
+
+def interpolate(cfg: InferenceConfig, saved, unet, sampler, steps: int, dtype, out, name: str) -> dict:
+    """The frames between two seeds in one class (--class_label, else the start seed's), or, given two classes, from
+    the first class to the second with --start_seed's noise in every frame; the manifest's entries."""
+    import contextlib
+
+    from sampling import (blended_classes, class_indices, for_model, interpolation_noise, sample_images,
+                          save_interpolation)
+
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    two = saved.classes is not None and cfg.class_label is not None and len(cfg.class_label) == 2
+    end_seed = cfg.start_seed if two else cfg.end_seed
+    noise, generators, fractions = interpolation_noise(shape, cfg.start_seed, end_seed, cfg.interp_steps)
+    labels, blend, entries = None, contextlib.nullcontext(), {}
+    if two:
+        first, last = class_indices(cfg.class_label, saved.classes)
+        blend = blended_classes(unet, first, last, fractions)
+        entries["classes_interpolated"] = [saved.classes[first], saved.classes[last]]
+    elif saved.classes is not None:
+        labels = class_of_each(cfg, saved, [cfg.start_seed]) * len(fractions)  # one class for every frame
+        entries["class"] = saved.classes[labels[0]]
+    with blend as blended:
         frames = sample_images(unet, sampler, noise, generators, steps, cfg.batch_size, dtype, cfg.eta,
                                desc=f"interpolating ({name}, {steps} steps)",
-                               guidance=for_model(unet, label and label * len(noise), cfg.guidance_scale))
-        files = save_interpolation(out, frames, fractions, cfg.start_seed, cfg.end_seed, cfg.fps, cfg.display_size)
-        if label is not None:
-            manifest["class"] = saved.classes[label[0]]
-        write_manifest(out, {**manifest, "strip": "interpolation_strip.png", "gif": "interpolation.gif",
-                             "fps": cfg.fps, "files": files})
-        print(f"wrote {len(frames)} frames, interpolation_strip.png and interpolation.gif to {out}")
+                               guidance=for_model(unet, blended or labels, cfg.guidance_scale))
+    files = save_interpolation(out, frames, fractions, cfg.start_seed, end_seed, cfg.fps, cfg.display_size)
+    return {**entries, "files": files}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

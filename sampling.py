@@ -11,12 +11,13 @@ a seed then depends on its class and the guidance scale too, never on the batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
 import os
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Iterator, Optional, TypeVar
 
 import imageio.v3 as iio
 import torch
@@ -536,6 +537,21 @@ def interpolation_noise(shape: tuple[int, int, int], start_seed: int, end_seed: 
     fractions = [k / (frames - 1) for k in range(frames)]
     noise = torch.stack([slerp(start, end, f) for f in fractions])
     return noise, seeded_generators([start_seed] * frames), fractions
+
+
+@contextlib.contextmanager
+def blended_classes(unet, first: int, last: int, fractions: list[float]) -> Iterator[list[int]]:
+    """Labels that ask for the class embeddings (1 - f) E[first] + f E[last], one per fraction f, for the block: the
+    UNet's class embedding is extended by those rows meanwhile (diffusers adds the class embedding to the time
+    embedding, so a blend of two rows is a class between the two). The null class keeps its label."""
+    table = unet.class_embedding
+    weight = table.weight.detach()
+    blends = torch.stack([torch.lerp(weight[first], weight[last], f) for f in fractions])
+    unet.class_embedding = torch.nn.Embedding.from_pretrained(torch.cat([weight, blends]))
+    try:
+        yield list(range(len(weight), len(weight) + len(fractions)))
+    finally:
+        unet.class_embedding = table
 
 
 def save_interpolation(out: Path, frames: torch.Tensor, fractions: list[float], start_seed: int, end_seed: int,

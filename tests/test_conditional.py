@@ -16,11 +16,11 @@ from PIL import Image
 import dataset
 import inference
 import train_ddpm
-from config import DataConfig, ModelConfig, UserError
+from config import DataConfig, InferenceConfig, ModelConfig, UserError, validate_inference
 from conftest import TINY_RUN, assert_user_error, call, make_bars_folder
 from model import build_unet
-from sampling import (SAMPLER_CLASSES, Guidance, class_indices, classes_by_seed, for_model, generate, make_sampler,
-                      predict_noise)
+from sampling import (SAMPLER_CLASSES, Guidance, blended_classes, class_indices, classes_by_seed, for_model, generate,
+                      initial_noise, make_sampler, predict_noise, sample_images, seeded_generators)
 
 
 COLOURS = ("red", "green", "blue")
@@ -149,6 +149,20 @@ def test_guided_images_are_addressed_by_seed_class_and_scale_with_every_sampler(
     assert not torch.allclose(other_class, together[:1], atol=1e-3)
 
 
+def test_interpolating_between_two_classes_ends_at_each_class():
+    unet = tiny_conditional_unet()
+    sampler = make_sampler("ddim", {"num_train_timesteps": 1000})
+    noise = initial_noise(seeded_generators([5]), (3, 8, 8)).repeat(3, 1, 1, 1)
+    with blended_classes(unet, 0, 2, [0.0, 0.5, 1.0]) as labels:
+        assert labels == [4, 5, 6]  # after the 3 classes and the null class, which keeps its label
+        frames = sample_images(unet, sampler, noise, seeded_generators([5] * 3), 3, 3, progress=False,
+                               guidance=for_model(unet, labels, 2.0))
+    assert unet.class_embedding.num_embeddings == 4  # the UNet's own embedding is back
+    ends = generate(unet, sampler, [5, 5], 3, 2, progress=False, guidance=for_model(unet, [0, 2], 2.0))
+    torch.testing.assert_close(frames[[0, 2]], ends, atol=1e-5, rtol=0)
+    assert not torch.allclose(frames[1], ends[0], atol=1e-3) and not torch.allclose(frames[1], ends[1], atol=1e-3)
+
+
 def test_classes_by_seed_and_by_name():
     seeds = list(range(3000))
     drawn = classes_by_seed(seeds, [1, 1, 2], 3)
@@ -161,6 +175,8 @@ def test_classes_by_seed_and_by_name():
         class_indices(["7"], ["cat", "dog"])
     with pytest.raises(UserError, match="trained without classes"):
         class_indices(["cat"], None)
+    with pytest.raises(UserError, match="pass one or two --class_label, not 3"):
+        validate_inference(InferenceConfig(model_path="m", interpolate=True, class_label=("a", "b", "c")))
 
 
 def test_conditional_run_resumes_and_draws_the_class_asked_for(tmp_path, capsys):
