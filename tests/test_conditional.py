@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -16,9 +17,9 @@ from PIL import Image
 import dataset
 import inference
 import train_ddpm
-from config import DataConfig, InferenceConfig, ModelConfig, UserError, validate_inference
+from config import Config, DataConfig, InferenceConfig, ModelConfig, UserError, validate_inference
 from conftest import TINY_RUN, assert_user_error, call, make_bars_folder
-from model import build_unet
+from model import build_unet, fit_class_embedding
 from sampling import (SAMPLER_CLASSES, Guidance, blended_classes, class_indices, classes_by_seed, for_model, generate,
                       initial_noise, make_sampler, predict_noise, sample_images, seeded_generators)
 
@@ -114,6 +115,32 @@ def tiny_conditional_unet(num_classes: int = 3, size: int = 8):
     m = ModelConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
                     down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
     return build_unet(m, size, 3, num_classes).eval()
+
+
+def test_a_fine_tune_gets_a_class_embedding_that_starts_from_the_pretrained_model():
+    pretrained = tiny_conditional_unet(num_classes=0)
+    fitted = fit_class_embedding(pretrained, 3)
+    assert fitted.config.num_class_embeds == 4 and not fitted.class_embedding.weight.any()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor(300)
+    with torch.no_grad():
+        torch.testing.assert_close(fitted(x, t, class_labels=torch.tensor([0, 3])).sample, pretrained(x, t).sample)
+    assert fit_class_embedding(fitted, 3) is fitted  # the same classes: kept as trained
+    with pytest.raises(UserError, match="is a class-conditional model \\(3 classes\\); fine-tune it with "
+                                        "--class_conditional"):
+        fit_class_embedding(fitted, 0)
+
+
+def test_a_resume_on_other_classes_is_refused(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "config.json").write_text(json.dumps({"_provenance": {"classes": ["cat", "dog"]}}))
+    cfg = Config()
+    cfg.training.resume_from_checkpoint = str(tmp_path / "checkpoint")
+    labelled = types.SimpleNamespace(classes=["cat", "dog", "owl"], meta={"source": "pets"})
+    with pytest.raises(UserError, match=r"are not the 2 the checkpoint was trained on; resume on the same classes"):
+        train_ddpm.check_classes(cfg, labelled)
+    train_ddpm.check_classes(cfg, types.SimpleNamespace(classes=["cat", "dog"], meta={}))
+    with pytest.raises(UserError, match="--class_conditional needs labels, and pets has none: put each class's"):
+        train_ddpm.check_classes(cfg, types.SimpleNamespace(classes=None, meta={"source": "pets"}))
 
 
 def test_guidance_is_one_forward_of_both_passes():
