@@ -5,8 +5,8 @@ resized once.
 Every dataset is turned into a uint8 tensor cache of shape [N, C, image_size, image_size] under
 ``data_dir/cache/``: one file per source, image_size and --num_channels, replaced when the source's content
 or labels change. Labels, where the data has them (CIFAR-10, MNIST, the letters, a folder's or ZIP's first-level
-sub-folders as torchvision's ImageFolder reads them, a Hugging Face ClassLabel column), are cached beside it. Caches are memory-mapped, so the processes of a machine share one copy; large ones are streamed by
-loader workers.
+sub-folders as torchvision's ImageFolder reads them, a Hugging Face ClassLabel column), are cached beside it.
+Caches are memory-mapped, so the processes of a machine share one copy; large ones are streamed by loader workers.
 Scaling to [-1, 1] and random flips happen on the training device (``to_model_input``), so the loader moves
 1 byte per pixel instead of 4.
 """
@@ -39,7 +39,7 @@ from files import atomic_file, write_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LETTERS_FILE = Path(__file__).resolve().parent / "assets" / "letters16.npz"  # --dataset_name letters (assets/README.md)
-CACHE_FORMAT = 3  # (3: the cache holds the labels) bump when the way images are decoded or resized changes, so old caches are rebuilt
+CACHE_FORMAT = 3  # bump when the way images are decoded or resized changes, so old caches are rebuilt (3: labels)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -586,7 +586,8 @@ def start_accelerator(run: Resolved, state, dataset):
         # The batch copy does not wait for the GPU (from pinned memory, pin_memory below).
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
         step_scheduler_with_optimizer=False, dynamo_backend="inductor" if run.compile else "no")
-    loader, order = make_dataloader(Labelled(dataset) if run.classes else dataset, t.train_batch_size, run.num_processes, t.seed,
+    batches = Labelled(dataset) if run.classes else dataset  # a class-conditional run's batches carry their labels
+    loader, order = make_dataloader(batches, t.train_batch_size, run.num_processes, t.seed,
                                     run.cfg.data.dataloader_num_workers, pin_memory=state.device.type == "cuda")
     loader = accelerator.prepare(loader)
     assert math.ceil(len(loader) / t.gradient_accumulation_steps) == run.steps_per_epoch
