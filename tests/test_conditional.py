@@ -110,11 +110,34 @@ def test_label_dropout_draws_on_the_device(monkeypatch):
     assert 0.47 < share < 0.53 and torch.equal(half[half != 4], labels[half != 4])
 
 
-def tiny_conditional_unet(num_classes: int = 3, size: int = 8):
+def tiny_conditional_unet(num_classes: int = 3, size: int = 8, channels: int = 3):
     torch.manual_seed(0)
     m = ModelConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
                     down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
-    return build_unet(m, size, 3, num_classes).eval()
+    return build_unet(m, size, channels, num_classes).eval()
+
+
+def test_evaluate_scores_a_class_against_its_own_reference_images(tmp_path, capsys, inception_weights):
+    import evaluate
+    from diffusers import DDPMScheduler
+
+    from model import save_model
+
+    bars, folder = make_bars_folder(tmp_path / "bars"), tmp_path / "model"
+    save_model(folder, tiny_conditional_unet(size=16, channels=1), DDPMScheduler(),
+               {"_provenance": {"classes": ["bar_bottom", "bar_middle", "bar_top"], "class_counts": [6, 6, 6]}})
+    flags = ["--model_path", folder, "--reference", "custom", "--dataset_path", bars, "--data_dir", tmp_path / "data",
+             "--num_images", 4, "--scheduler", "ddim", "--num_inference_steps", 2, "--batch_size", 4,
+             "--inception_weights", inception_weights, "--output_dir", tmp_path / "eval"]
+    result = call(evaluate.main, [*flags, "--class_label", "bar_top", "--guidance_scale", 2], capsys)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["reference"]["class"] == "bar_top" and metrics["reference"]["images"] == 6
+    assert metrics["reference"]["statistics_file"].endswith("-class2.npz")
+    assert metrics["model"]["class"] == "bar_top" and metrics["model"]["guidance_scale"] == 2
+    assert "of class bar_top, guidance 2.0 vs custom (6 of that class)" in result.stdout
+    assert_user_error(call(evaluate.main, [*flags, "--class_label", "bar_left"], capsys), "--class_label bar_left",
+                      "bar_bottom, bar_middle, bar_top")
 
 
 def test_a_fine_tune_gets_a_class_embedding_that_starts_from_the_pretrained_model():
