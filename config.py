@@ -37,6 +37,13 @@ SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
 DownBlock = Literal["DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D"]
 UpBlock = Literal["UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D"]
 
+# Classifier-free guidance (Ho & Salimans 2022) as diffusers writes it: eps = eps_uncond + w (eps_cond - eps_uncond), so
+# w 0 is the unconditional model and w 1 the conditional one without guidance (their w is this w - 1). Their FID was
+# best at a small push (their w 0.1-0.3 at 64 and 128 px, 1.1-1.3 here) and precision and the class's look grew with
+# w while diversity fell; 1.5 asks a little more of the class than the best-FID point, what a user who names a class
+# wants, and stays well below the saturated, uniform images of large w. bench/quality.py --conditional sweeps it.
+DEFAULT_GUIDANCE_SCALE = 1.5
+
 # The README's UNet: six levels, attention in the fifth down block and the matching up block.
 README_DOWN_BLOCKS = ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D")
 README_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4
@@ -110,6 +117,8 @@ class TrainingConfig:
     eval_epochs: Optional[int] = None  # every N epochs: FID/KID to TensorBoard (eval/fid, eval/kid), best model by FID kept as best_model/; none: off
     eval_num_images: int = 2000  # images per evaluation, drawn with sample_scheduler and sample_num_inference_steps
     inception_weights: Optional[str] = None  # torch-fidelity's Inception-v3 weights file, for offline machines; none: downloaded on first use
+    class_conditional: bool = False  # train on the data's labels (sub-folders, CIFAR-10/MNIST/letters classes, a ClassLabel column) with a class embedding, so inference.py --class_label asks for a class
+    class_dropout: float = 0.1  # with class_conditional: the share of images trained without their label (the null class), so the same model also samples unconditionally and guides (Ho & Salimans 2022: 0.1-0.2)
     ddp_timeout: int = 1800  # seconds a process may wait for the others in one collective (a save, a preview, an evaluation) before the run stops as hung; the start-up's data cache and Inception statistics may take longer
 
 
@@ -121,6 +130,7 @@ class DataConfig:
     dataset_config_name: Optional[str] = None  # Hugging Face Hub datasets: the configuration (subset), for datasets that have several
     dataset_split: str = "train"  # Hugging Face datasets: the split to train on
     image_column: Optional[str] = None  # Hugging Face datasets: the column of images (or of their paths); none: the first column of type Image
+    label_column: Optional[str] = None  # Hugging Face datasets: the column of each image's class (--class_conditional); none: the first column of type ClassLabel
     data_dir: str = "./data"  # where CIFAR-10/MNIST are downloaded and dataset caches are kept (Hub datasets: the datasets library's own cache)
     num_channels: Literal["auto", "1", "3"] = "auto"  # 1 (greyscale) or 3 (RGB); auto: 1 when every image is greyscale
     random_flip: Optional[bool] = None  # random horizontal flips; auto: on for cifar10 (Ho et al.), off for the rest (mirrored letters)
@@ -184,6 +194,8 @@ class InferenceConfig:
     jump_n_sample: int = 10  # RePaint: times each stretch of jump_length steps is drawn (1: no jumps)
     init_image: Optional[str] = None  # an image, or a folder of images, to edit with SDEdit: noised --strength back, then denoised with --scheduler
     strength: float = 0.8  # with --init_image: the share of the noise schedule to go back, in (0, 1]; small keeps layout and colours, 1 is plain generation
+    class_label: Optional[tuple[str, ...]] = None  # a class-conditional model: the classes to draw, by name or index, --num_images of each (--interpolate: one class for every frame, or two to go from the first to the second from --start_seed's noise); none: classes drawn by seed, in proportion to the training data
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # classifier-free guidance w of a class-conditional model: eps = uncond + w (cond - uncond); 0: unconditional, 1: conditional without guidance
     display_size: int = 256  # grid.png, the strip and the GIF show each image at least this many px (0: native)
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
     compile: bool = False  # torch.compile the UNet (GPU only)
@@ -208,6 +220,8 @@ class EvaluateConfig:
     save_images: bool = False  # also write each generated image as images/seed{N}.png (score them again with --images)
     inception_weights: Optional[str] = None  # torch-fidelity's Inception-v3 weights file, for offline machines; none: downloaded on first use
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # of the UNet; auto: fp16 on GPU, fp32 on CPU
+    class_label: Optional[str] = None  # a class-conditional model: score this class (name or index) against the reference images of that class; none: every class, drawn in proportion to the training data
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # classifier-free guidance w of a class-conditional model (as inference.py's)
     ema_length: Optional[tuple[float, ...]] = None  # post-hoc EMA: rebuild the EMA of each length from the run's snapshots (train_ddpm.py --ema_snapshots), score each, save the best as output_dir/best_ema_model/; --model_path: the run's final_model/
 
 
@@ -501,7 +515,7 @@ def validate_training(cfg: Config) -> None:
                                 adam_weight_decay=(t.adam_weight_decay, 0, None), adam_beta1=(t.adam_beta1, 0, 1),
                                 max_grad_norm=(t.max_grad_norm, 0, None), adam_beta2=(t.adam_beta2, 0, 1),
                                 dropout=(m.dropout, 0, 1), ema_length=(t.ema_length, 0.001, 0.28),
-                                ema_snapshots=(t.ema_snapshots, 0, None),
+                                ema_snapshots=(t.ema_snapshots, 0, None), class_dropout=(t.class_dropout, 0, 1),
                                 beta_end=(s.beta_end, s.beta_start, 1)))
     check_inception_weights(t.inception_weights)
     check_tracker(t.report_to)
@@ -528,8 +542,9 @@ def validate_training(cfg: Config) -> None:
                         f"use channels that are multiples of it or a smaller --norm_num_groups")
 
 
-def _check_sampling(num_inference_steps: Optional[int], batch_size: int, eta: float) -> None:
-    _check_ranges(dict(num_inference_steps=(num_inference_steps, 1), batch_size=(batch_size, 1)))
+def _check_sampling(num_inference_steps: Optional[int], batch_size: int, eta: float, guidance_scale: float) -> None:
+    _check_ranges(dict(num_inference_steps=(num_inference_steps, 1), batch_size=(batch_size, 1)),
+                  in_range=dict(guidance_scale=(guidance_scale, 0, None)))
     if not 0 <= eta <= 1:
         raise UserError(f"--eta must be between 0 and 1, got {eta}")
 
@@ -540,9 +555,12 @@ def validate_inference(cfg: InferenceConfig, given: Collection[str] = ()) -> Non
         raise UserError("--model_path is required: pass the final_model/ folder that train_ddpm.py writes")
     _check_ranges(dict(num_images=(cfg.num_images, 1), interp_steps=(cfg.interp_steps, 2),
                        grid_size=(cfg.grid_size, 1), display_size=(cfg.display_size, 0)))
-    _check_sampling(cfg.num_inference_steps, cfg.batch_size, cfg.eta)
+    _check_sampling(cfg.num_inference_steps, cfg.batch_size, cfg.eta, cfg.guidance_scale)
     if not cfg.fps > 0:
         raise UserError(f"--fps must be positive, got {cfg.fps}")
+    if cfg.interpolate and cfg.class_label and len(cfg.class_label) > 2:
+        raise UserError(f"--interpolate goes between two seeds in one class, or between two classes from one seed; "
+                        f"pass one or two --class_label, not {len(cfg.class_label)}")
     if cfg.interpolate and "scheduler" in given:  # a value equal to the default is still the user's intent
         raise UserError(f"--scheduler does not apply to --interpolate, which samples with --interp_scheduler "
                         f"(default {InferenceConfig.interp_scheduler}); pass --interp_scheduler {cfg.scheduler}")
@@ -584,7 +602,9 @@ def validate_evaluate(cfg: EvaluateConfig) -> None:
                         "already generated), not both" if cfg.model_path else
                         "nothing to score: pass --model_path (a final_model/ folder) or --images DIR")
     _check_ranges(dict(num_images=(cfg.num_images, 2)))
-    _check_sampling(cfg.num_inference_steps, cfg.batch_size, cfg.eta)
+    _check_sampling(cfg.num_inference_steps, cfg.batch_size, cfg.eta, cfg.guidance_scale)
+    if cfg.images and cfg.class_label is not None:
+        raise UserError("--class_label asks a class-conditional model for a class; it does not apply to --images")
     if cfg.images and not Path(cfg.images).expanduser().is_dir():
         raise UserError(f"--images {cfg.images} is not a folder; pass the folder of generated images")
     if cfg.ema_length:
@@ -600,6 +620,7 @@ def validate_evaluate(cfg: EvaluateConfig) -> None:
 
 # What a checkpoint's weights and optimizer were built for: a resumed run keeps them (other flags take effect).
 FIXED_ON_RESUME = (*(f.name for f in dataclasses.fields(ModelConfig)), "image_size", "num_channels", "use_ema",
+                   "class_conditional",
                    "pretrained_model_path", "freeze_down_blocks", "lr_scheduler", "lr_warmup_steps")
 
 
@@ -679,6 +700,7 @@ class Resolved:
     precision: str  # accelerate's mixed_precision: no (fp32), fp16 or bf16
     compile: bool  # torch.compile the UNet
     chosen: dict  # the "auto" fields and the values they resolved to
+    classes: tuple[str, ...] = ()  # class_conditional: the data's class names, in label order (the UNet's class embedding)
     notices: tuple[str, ...] = ()  # what was asked but cannot be had here, one line each
 
     @property
@@ -689,9 +711,10 @@ class Resolved:
 
 def resolve(cfg: Config, count_parameters: Callable[[ModelConfig, int, int], int], *, channels: Optional[int] = None,
             batches_per_epoch: Optional[int] = None, num_processes: int = 1, seed: Optional[int] = None,
-            pretrained: Optional[dict] = None, device_type: str = "cpu", native_bf16: bool = False) -> Resolved:
+            pretrained: Optional[dict] = None, device_type: str = "cpu", native_bf16: bool = False,
+            classes: Optional[list[str]] = None) -> Resolved:
     """The run's settings from its config and the facts of this run: the data's channels and batches per epoch
-    (per process), the process count, the drawn seed (used when --seed is none), the pretrained UNet's config (its
+    (per process) and class names, the process count, the drawn seed (used when --seed is none), the pretrained UNet's config (its
     shape replaces the model fields) and the device. count_parameters(model, image_size, channels) counts a UNet's
     parameters, for the learning rate. Facts not known yet (--dry_run) leave what depends on them unresolved."""
     cfg = copy.deepcopy(cfg)
@@ -720,7 +743,8 @@ def resolve(cfg: Config, count_parameters: Callable[[ModelConfig, int, int], int
     precision, precision_notice = resolve_precision(t.mixed_precision, device_type, native_bf16)
     compile_unet, compile_notice = resolve_compile(t.compile, device_type)
     return Resolved(cfg, channels, num_processes, num_parameters, steps_per_epoch, total_steps, precision,
-                    compile_unet, chosen, tuple(filter(None, (precision_notice, compile_notice))))
+                    compile_unet, chosen, tuple(classes or ()) if t.class_conditional else (),
+                    tuple(filter(None, (precision_notice, compile_notice))))
 
 
 # ---------------------------------------------------------------------------------------------------

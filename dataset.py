@@ -4,8 +4,9 @@ resized once.
 
 Every dataset is turned into a uint8 tensor cache of shape [N, C, image_size, image_size] under
 ``data_dir/cache/``: one file per source, image_size and --num_channels, replaced when the source's content
-changes. Caches are memory-mapped, so the processes of a machine share one copy; large ones are streamed by
-loader workers.
+or labels change. Labels, where the data has them (CIFAR-10, MNIST, the letters, a folder's or ZIP's first-level
+sub-folders as torchvision's ImageFolder reads them, a Hugging Face ClassLabel column), are cached beside it.
+Caches are memory-mapped, so the processes of a machine share one copy; large ones are streamed by loader workers.
 Scaling to [-1, 1] and random flips happen on the training device (``to_model_input``), so the loader moves
 1 byte per pixel instead of 4.
 """
@@ -22,7 +23,7 @@ import re
 import urllib.error
 import zipfile
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import IO, Iterator, Optional
 
 import numpy as np
@@ -38,7 +39,7 @@ from files import atomic_file, write_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LETTERS_FILE = Path(__file__).resolve().parent / "assets" / "letters16.npz"  # --dataset_name letters (assets/README.md)
-CACHE_FORMAT = 2  # bump when the way images are decoded or resized changes, so old caches are rebuilt
+CACHE_FORMAT = 3  # bump when the way images are decoded or resized changes, so old caches are rebuilt (3: labels)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,10 +157,19 @@ class Source:
     root: Optional[Path] = None  # the folder they were found in, or the ZIP file
     members: Optional[list[str]] = None  # the ZIP's image members
     pixels: Optional[np.ndarray] = None  # a torchvision dataset's or the letters' images: [N,H,W] or [N,H,W,C] uint8
-    labels: Optional[np.ndarray] = None  # with pixels: each image's class, an index into classes
+    labels: Optional[np.ndarray] = None  # each image's class, an index into classes (None: the data has no labels)
     classes: Optional[list[str]] = None  # the class names
+    labels_from: Optional[str] = None  # where the labels come from, for the data: line
     table: Optional[object] = None  # a datasets.Dataset of the image column alone, left encoded (decode=False)
     column: Optional[str] = None  # that column's name
+
+    @property
+    def label_key(self) -> str:
+        """Changes with the labels: part of the cache's content key, so new labels rebuild the cache."""
+        if self.labels is None:
+            return "unlabelled"
+        return hashlib.sha1(np.ascontiguousarray(self.labels, dtype=np.int64).data.tobytes()
+                            + "\n".join(self.classes).encode()).hexdigest()
 
     @property
     def count(self) -> int:
@@ -244,7 +254,7 @@ def _torchvision_source(name: str, data_dir: str) -> Source:
     pixels = np.asarray(dataset.data)  # CIFAR-10: [N,32,32,3] uint8, MNIST: [N,28,28] uint8
     fingerprint = hashlib.sha1(np.ascontiguousarray(pixels).data).hexdigest()
     return Source(name, f"{name} in {data_dir}", name, 3 if pixels.ndim == 4 else 1, fingerprint, pixels=pixels,
-                  labels=np.asarray(dataset.targets), classes=list(dataset.classes))
+                  labels=np.asarray(dataset.targets), classes=list(dataset.classes), labels_from=f"{name}'s labels")
 
 
 def _letters_source(path: Path = LETTERS_FILE) -> Source:
@@ -258,7 +268,7 @@ def _letters_source(path: Path = LETTERS_FILE) -> Source:
                         f"git checkout -- assets/letters16.npz") from None
     fingerprint = hashlib.sha1(np.ascontiguousarray(pixels).data).hexdigest()
     return Source("letters", f"letters ({path.parent.name}/{path.name})", "letters", 1, fingerprint, pixels=pixels,
-                  labels=labels, classes=classes)
+                  labels=labels, classes=classes, labels_from="the letters' labels")
 
 
 def pack_letters(folder: str | Path, path: str | Path = LETTERS_FILE, image_size: int = 16) -> Path:
@@ -295,12 +305,25 @@ def find_images(folder: str, flag: str = "dataset_path") -> list[Path]:
     return files
 
 
+def subfolder_labels(paths: list[PurePath]) -> tuple[Optional[np.ndarray], Optional[list[str]]]:
+    """As torchvision's ImageFolder: each image's class is its first-level sub-folder (paths relative to the root),
+    classes sorted by name; no labels when an image lies outside every sub-folder."""
+    if not paths or any(len(p.parts) < 2 for p in paths):
+        return None, None
+    names = [p.parts[0] for p in paths]
+    classes = sorted(set(names))
+    index = {name: i for i, name in enumerate(classes)}
+    return np.asarray([index[name] for name in names], dtype=np.int64), classes
+
+
 def _folder_source(folder: str) -> Source:
     files = find_images(folder)
     listing = "\n".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in files)
     fingerprint = hashlib.sha1(listing.encode()).hexdigest()
     root = Path(folder).expanduser()
-    return Source("folder", str(folder), f"folder|{root.resolve()}", 3, fingerprint, files=files, root=root)
+    labels, classes = subfolder_labels([p.relative_to(root) for p in files])
+    return Source("folder", str(folder), f"folder|{root.resolve()}", 3, fingerprint, files=files, root=root,
+                  labels=labels, classes=classes, labels_from=f"the sub-folders of {folder}")
 
 
 def _zip_source(path: Path) -> Source:
@@ -317,8 +340,14 @@ def _zip_source(path: Path) -> Source:
                         f"ZIP); add some or point --dataset_path elsewhere")
     members.sort(key=lambda m: m.filename)
     listing = "\n".join(f"{m.filename}\t{m.file_size}\t{m.CRC}" for m in members)
+    inside = [PurePosixPath(m.filename) for m in members]
+    # A ZIP of a folder holds it as one top folder: its sub-folders are the classes.
+    while all(len(p.parts) > 2 for p in inside) and len({p.parts[0] for p in inside}) == 1:
+        inside = [PurePosixPath(*p.parts[1:]) for p in inside]
+    labels, classes = subfolder_labels(inside)
     return Source("zip", str(path), f"zip|{path.resolve()}", 3, hashlib.sha1(listing.encode()).hexdigest(),
-                  root=path, members=[m.filename for m in members])
+                  root=path, members=[m.filename for m in members], labels=labels, classes=classes,
+                  labels_from=f"the sub-folders in {path}")
 
 
 def _custom_source(dataset_path: Optional[str]) -> Source:
@@ -436,6 +465,25 @@ def _image_column(ds, wanted: Optional[str], where: str, datasets) -> tuple[str,
                         f"{columns}") from None
 
 
+def _label_column(ds, wanted: Optional[str], where: str, datasets) -> tuple[Optional[str], object]:
+    """The column of classes and the dataset with it as a ClassLabel: named (a column of ints or strings is encoded
+    as one, classes sorted), else the first of type ClassLabel, else none."""
+    if wanted is None:
+        wanted = next((c for c, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+        if wanted is None:
+            return None, ds
+    elif wanted not in ds.column_names:
+        columns = ", ".join(f"{c} ({type(f).__name__})" for c, f in ds.features.items())
+        raise UserError(f"--label_column {wanted}: {where} has no such column; its columns: {columns}")
+    if not isinstance(ds.features[wanted], datasets.ClassLabel):
+        try:
+            ds = ds.class_encode_column(wanted)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"--label_column {wanted} does not hold classes ({_one_line(e, 120)}); name a column of "
+                            f"class names or numbers") from None
+    return wanted, ds
+
+
 def _hf_source(name: str, data: DataConfig, kind: str) -> Source:
     datasets = _import_datasets()
     ds = _load_hf_split(name, data, kind, datasets)
@@ -445,10 +493,17 @@ def _hf_source(name: str, data: DataConfig, kind: str) -> Source:
         where, identity = name, str(Path(name).expanduser().resolve())
     else:
         where, identity = name, f"{name}|{data.dataset_config_name}"
+    label_column, ds = _label_column(ds, data.label_column, f"{where} (split {data.dataset_split})", datasets)
     column, table = _image_column(ds, data.image_column, f"{where} (split {data.dataset_split})", datasets)
+    labels = classes = None
+    if label_column is not None:
+        labels = np.asarray(ds.select_columns([label_column]).with_format("numpy")[label_column], dtype=np.int64)
+        classes = list(ds.features[label_column].names)
+        if (labels < 0).any():  # ClassLabel's -1: a row without a class
+            labels = classes = None
     return Source("hf", f"{where} (split {data.dataset_split}, column {column})",
                   f"hf|{kind}|{identity}|{data.dataset_split}|{column}", 3, ds._fingerprint, table=table,
-                  column=column)
+                  column=column, labels=labels, classes=classes, labels_from=f"the ClassLabel column {label_column}")
 
 
 def open_source(name: str, data: DataConfig) -> Source:
@@ -512,7 +567,16 @@ def build_cache(source: Source, image_size: int, channels: int, path: Path, work
             count += 1
         array.flush()
         del array
-    return {"format": CACHE_FORMAT, "count": count, "skipped": skipped, "source": source.label, "channels": channels}
+    meta = {"format": CACHE_FORMAT, "count": count, "skipped": skipped, "source": source.label, "channels": channels}
+    if source.labels is not None:  # the labels of the images kept, beside the images
+        with atomic_file(labels_path(path)) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.delete(np.asarray(source.labels, dtype=np.int64), skipped))
+        meta.update(classes=list(source.classes), labels_from=source.labels_from)
+    return meta
+
+
+def labels_path(cache: Path) -> Path:
+    return cache.with_name(f"{cache.stem}-labels.npy")
 
 
 class ImageCache(Dataset):
@@ -522,8 +586,19 @@ class ImageCache(Dataset):
 
     def __init__(self, path: Path, count: int, in_memory: bool, meta: Optional[dict] = None):
         self.path, self.count, self.in_memory = path, count, in_memory
-        self.meta = meta or {}  # what build_cache recorded: source, channels and why, skipped images
+        self.meta = meta or {}  # what build_cache recorded: source, channels and why, skipped images, classes
         self._images: Optional[np.ndarray] = None
+        self.labels: Optional[np.ndarray] = None  # int64 [count], an index into classes; None: no labels
+        if "classes" in self.meta:
+            self.labels = np.load(labels_path(path))[:count]
+
+    @property
+    def classes(self) -> Optional[list[str]]:
+        return self.meta.get("classes")
+
+    def class_counts(self) -> list[int]:
+        """Images of each class, in label order."""
+        return np.bincount(self.labels, minlength=len(self.classes)).tolist()
 
     @property
     def images(self) -> np.ndarray:
@@ -535,12 +610,22 @@ class ImageCache(Dataset):
     def channels(self) -> int:
         return int(self.images.shape[1])
 
-    def describe(self, random_flip: bool) -> str:
-        """The run's `data:` line: source, count, size, channels and why, skipped images, flips."""
+    def describe(self, random_flip: bool, class_conditional: bool = False) -> str:
+        """The run's `data:` line: source, count, size, channels and why, skipped images, classes, flips."""
         m, channels, size = self.meta, self.channels, self.images.shape[-1]
         return (f"data: {m.get('source')}: {self.count} images at {size}px, {channels} channel"
                 f"{'s' if channels > 1 else ''} ({m.get('channels_reason')}), {len(m.get('skipped', []))} skipped; "
-                f"random flips {'on' if random_flip else 'off'}")
+                f"{self.describe_classes(class_conditional)}random flips {'on' if random_flip else 'off'}")
+
+    def describe_classes(self, class_conditional: bool) -> str:
+        if self.classes is None:
+            return ""
+        count, where = len(self.classes), self.meta.get("labels_from")
+        if class_conditional:
+            return f"{count} class{'es' if count > 1 else ''} from {where}, class-conditional; "
+        if count < 2:
+            return ""
+        return f"{count} classes in {where} (labels available: --class_conditional trains on them); "
 
     def __getstate__(self):
         return {**self.__dict__, "_images": None}
@@ -557,11 +642,25 @@ class ImageCache(Dataset):
         return torch.from_numpy(rows[np.argsort(order)])
 
 
+class Labelled(Dataset):
+    """An ImageCache whose batches carry their labels, for a class-conditional run: (uint8 [B,C,S,S], int64 [B])."""
+
+    def __init__(self, cache: ImageCache):
+        self.cache, self.in_memory = cache, cache.in_memory
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.__getitems__(indices), torch.from_numpy(self.cache.labels[np.asarray(indices)])
+
+
 def cache_path(folder: Path, source: Source, size: int, requested: str) -> Path:
     """{kind}-{size}px-{slot}-{content}.npy: one slot per source, size and channel request; the content part
-    changes with the source's fingerprint (or CACHE_FORMAT), so a changed source gets a new file in its slot."""
+    changes with the source's fingerprint and labels (or CACHE_FORMAT), so a changed source gets a new file in its
+    slot."""
     slot = hashlib.sha1(f"{source.identity}|{size}|{requested}".encode()).hexdigest()[:12]
-    content = hashlib.sha1(f"{CACHE_FORMAT}|{source.fingerprint}".encode()).hexdigest()[:12]
+    content = hashlib.sha1(f"{CACHE_FORMAT}|{source.fingerprint}|{source.label_key}".encode()).hexdigest()[:12]
     return folder / f"{source.name}-{size}px-{slot}-{content}.npy"
 
 
@@ -647,7 +746,7 @@ def batches_per_epoch(count: int, batch_size: int, num_processes: int) -> int:
     return count // global_batch
 
 
-def make_dataloader(dataset: ImageCache, batch_size: int, num_processes: int, seed: int, workers: int,
+def make_dataloader(dataset: ImageCache | Labelled, batch_size: int, num_processes: int, seed: int, workers: int,
                     pin_memory: bool) -> tuple[DataLoader, EpochShuffle]:
     batches_per_epoch(len(dataset), batch_size, num_processes)  # at least one batch on every process
     global_batch = batch_size * num_processes

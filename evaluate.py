@@ -3,6 +3,7 @@
     python evaluate.py --model_path ./results/final_model --reference cifar10
     python evaluate.py --model_path google/ddpm-cifar10-32 --reference cifar10 --scheduler ddim --num_inference_steps 50
     python evaluate.py --images ./inference_results --reference custom --dataset_path ./my_images
+    python evaluate.py --model_path ./results/final_model --reference custom --dataset_path ./pets --class_label dog
     accelerate launch evaluate.py ...    # or torchrun: the seeds are shared among the processes
 
 Features are the pool3 features of the TF Inception-v3 (2015-12-05 weights) as torch-fidelity ports it, with its
@@ -10,6 +11,10 @@ resize to 299 px; FID and KID are torch-fidelity's (metrics.py). The reference s
 whole set through the toolkit's dataset code, at the size of the scored images, and cached beside the dataset in
 data_dir/cache, keyed by its fingerprint. Image i is drawn from seed + i, as in inference.py. Prints FID and KID on
 one line and writes output_dir/metrics.json.
+
+A class-conditional model (train_ddpm.py --class_conditional) draws each seed's class in proportion to its training
+data, with classifier-free guidance of --guidance_scale, and is scored against the whole reference set; with
+--class_label it draws that class alone and is scored against the reference images of that class (matched by name).
 """
 
 from __future__ import annotations
@@ -31,20 +36,34 @@ def parse_config(argv: Optional[list[str]] = None) -> EvaluateConfig:
     return cfg
 
 
-def reference_data(cfg: EvaluateConfig, image_size: int, inception, device) -> tuple[dict, dict]:
+def reference_data(cfg: EvaluateConfig, image_size: int, inception, device,
+                   class_name: Optional[str] = None) -> tuple[dict, dict]:
     """The reference statistics and how metrics.json names them: a statistics file, or a dataset read through
-    dataset.py at the scored images' size (cached). The main process's work: the others do not wait for it."""
+    dataset.py at the scored images' size (cached), or its images of the class named. The main process's work: the
+    others do not wait for it."""
     from dataset import load_dataset
     from metrics import load_statistics_file, reference_statistics, statistics_path
 
     if cfg.reference.endswith(".npz"):
+        if class_name is not None:
+            raise UserError(f"--class_label needs the reference images, to score against those of class "
+                            f"{class_name}; pass --reference as a dataset, not a statistics file")
         stats = load_statistics_file(cfg.reference)
         return stats, {"file": str(cfg.reference), "images": len(stats.get("features", ()))}
     dataset = load_dataset(cfg.reference, image_size, DataConfig(dataset_path=cfg.dataset_path, data_dir=cfg.data_dir))
-    stats = reference_statistics(dataset, inception, device)
-    return stats, {"dataset": cfg.reference, "dataset_path": cfg.dataset_path, "images": len(dataset),
+    label, images = None, len(dataset)
+    if class_name is not None:
+        if class_name not in (dataset.classes or ()):
+            raise UserError(f"--class_label {class_name}: the reference {cfg.reference} has no images of that class "
+                            f"(its classes: {', '.join(dataset.classes or ['none, it has no labels'])}); pass the "
+                            f"model's training data as --reference")
+        label = dataset.classes.index(class_name)
+        images = int((dataset.labels == label).sum())
+    stats = reference_statistics(dataset, inception, device, label=label)
+    return stats, {"dataset": cfg.reference, "dataset_path": cfg.dataset_path, "images": images,
                    "image_size": image_size, "channels": dataset.channels,
-                   "statistics_file": str(statistics_path(dataset, inception))}
+                   "statistics_file": str(statistics_path(dataset, inception, label)),
+                   **({"class": class_name} if class_name is not None else {})}
 
 
 def read_images(folder: str):
@@ -90,14 +109,15 @@ def run(cfg: EvaluateConfig) -> dict:
     from files import write_json, writable_folder
     from metrics import FEATURE_LAYER, describe, generated_features, inception_features, load_inception, score
     from model import load_model
-    from sampling import default_steps, make_sampler, prepare_unet, process_state, sampling_dtype, save_png
+    from sampling import (class_indices, classes_by_seed, default_steps, make_sampler, prepare_unet, process_state,
+                          sampling_dtype, save_png)
 
     started, began = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     state = process_state()
     main, device = state.is_main_process, state.device
     dtype = sampling_dtype(cfg.dtype, device, quiet=not main)
     out = writable_folder(cfg.output_dir) if main else Path(cfg.output_dir)
-    steps, snapshots = None, None
+    steps, snapshots, class_name = None, None, None
     if not cfg.images:  # the model first: a wrong --model_path is reported before any weights are fetched
         saved = load_model(cfg.model_path, dtype=dtype)
         snapshots = find_snapshots(cfg.model_path) if cfg.ema_length else None
@@ -106,6 +126,8 @@ def run(cfg: EvaluateConfig) -> dict:
         if steps > trained:
             raise UserError(f"--num_inference_steps {steps} exceeds the model's {trained} training timesteps; "
                             f"lower it")
+        if cfg.class_label is not None:
+            class_name = saved.classes[class_indices([cfg.class_label], saved.classes)[0]]
     with state.main_process_first():  # the weights download once
         inception = load_inception(cfg.inception_weights, device, progress=main)
     if not inception.standard and main:
@@ -127,11 +149,16 @@ def run(cfg: EvaluateConfig) -> dict:
     else:
         unet = prepare_unet(saved.unet, device, dtype)
         began_ref = time.perf_counter()
-        reference, reference_info = (reference_data(cfg, unet.config.sample_size, inception, device) if main
-                                     else (None, None))
+        reference, reference_info = (reference_data(cfg, unet.config.sample_size, inception, device, class_name)
+                                     if main else (None, None))
         seconds["reference_s"] = time.perf_counter() - began_ref
         sampler = make_sampler(cfg.scheduler, saved.schedule)
         seeds = [cfg.seed + i for i in range(cfg.num_images)]
+        labels = None  # a class-conditional model: the class, else each seed's in proportion to the training data
+        if class_name is not None:
+            labels = [saved.classes.index(class_name)] * len(seeds)
+        elif saved.classes is not None:
+            labels = classes_by_seed(seeds, saved.class_counts, len(saved.classes))
         drawn = {}  # EMA length (None: the model's own weights) -> features and images
         for length in cfg.ema_length or (None,):
             if length is not None:
@@ -140,12 +167,16 @@ def run(cfg: EvaluateConfig) -> dict:
             features, images, timing = generated_features(unet, sampler, seeds, steps, cfg.batch_size, dtype, cfg.eta,
                                                           inception, state, keep_images=cfg.save_images,
                                                           desc=f"generating ({cfg.scheduler}, {steps} steps{shown}) "
-                                                               f"+ scoring")
+                                                               f"+ scoring", labels=labels,
+                                                          guidance_scale=cfg.guidance_scale)
             drawn[length] = features, images
             for key, value in timing.items():  # this process's share
                 seconds[key] = seconds.get(key, 0) + value
         model = {"path": str(cfg.model_path), "sample_size": unet.config.sample_size,
                  "channels": unet.config.in_channels, "parameters": sum(p.numel() for p in unet.parameters())}
+        if saved.classes is not None:
+            model.update(classes=len(saved.classes), guidance_scale=cfg.guidance_scale,
+                         **({"class": class_name} if class_name else {"class_counts": saved.class_counts}))
     if not main:
         return {}
     began_metrics = time.perf_counter()
@@ -177,8 +208,13 @@ def run(cfg: EvaluateConfig) -> dict:
               "time": {"started": started, **{k: round(v, 3) for k, v in seconds.items()}}}
     write_json(out / "metrics.json", record)
     scored = f"{result['num_images']} images" + (f" ({cfg.scheduler}, {steps} steps)" if steps else "")
+    if class_name is not None:
+        scored += f" of class {class_name}, guidance {cfg.guidance_scale}"
+    elif model.get("classes"):
+        scored += f" of {model['classes']} classes, guidance {cfg.guidance_scale}"
     print(f"{describe(result)}  [{scored} vs {reference_info.get('dataset', reference_info.get('file'))} "
-          f"({reference_info['images'] or 'statistics'}), {seconds['total_s']:.0f} s; {out / 'metrics.json'}]")
+          f"({reference_info['images'] or 'statistics'}{' of that class' if class_name else ''}), "
+          f"{seconds['total_s']:.0f} s; {out / 'metrics.json'}]")
     return record
 
 

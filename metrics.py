@@ -112,9 +112,11 @@ def inception_features(inception: Inception, images, device, bar=None):
 # ---------------------------------------------------------------------------------------------------
 
 
-def reference_statistics(dataset, inception: Inception, device, progress: bool = True) -> dict:
-    """mu, sigma and features of every image of a dataset cache (dataset.ImageCache), computed once and kept beside
-    it: the cache's name carries the dataset's fingerprint, so changed data gets new statistics."""
+def reference_statistics(dataset, inception: Inception, device, progress: bool = True,
+                         label: Optional[int] = None) -> dict:
+    """mu, sigma and features of every image of a dataset cache (dataset.ImageCache), or of its images of class
+    `label`, computed once and kept beside it: the cache's name carries the dataset's fingerprint and labels, so
+    changed data gets new statistics."""
     import numpy as np
     import torch
     from torch_fidelity.metric_fid import fid_features_to_statistics
@@ -122,14 +124,15 @@ def reference_statistics(dataset, inception: Inception, device, progress: bool =
 
     from files import atomic_file
 
-    path = statistics_path(dataset, inception)
+    path = statistics_path(dataset, inception, label)
     if path.exists():
         with np.load(path) as stored:
             return {name: stored[name] for name in stored.files}
+    indices = np.arange(len(dataset)) if label is None else np.flatnonzero(dataset.labels == label)
     chunk, parts = 1024, []  # images read from the cache at a time
-    with tqdm(total=len(dataset), desc="reference features", unit="img", disable=not progress) as bar:
-        for start in range(0, len(dataset), chunk):
-            images = dataset.__getitems__(list(range(start, min(start + chunk, len(dataset)))))
+    with tqdm(total=len(indices), desc="reference features", unit="img", disable=not progress) as bar:
+        for start in range(0, len(indices), chunk):
+            images = dataset.__getitems__(indices[start:start + chunk].tolist())
             parts.append(inception_features(inception, images, device, bar))
     features = torch.cat(parts)
     stats = {**fid_features_to_statistics(features), "features": features.numpy()}
@@ -138,9 +141,10 @@ def reference_statistics(dataset, inception: Inception, device, progress: bool =
     return stats
 
 
-def statistics_path(dataset, inception: Inception) -> Path:
-    """Beside the dataset's cache and named after it (remove_stale_caches deletes both) and after the weights."""
-    return dataset.path.with_name(f"{dataset.path.stem}-{inception.key}.npz")
+def statistics_path(dataset, inception: Inception, label: Optional[int] = None) -> Path:
+    """Beside the dataset's cache and named after it (remove_stale_caches deletes both), after the weights, and after
+    the class of a class's statistics."""
+    return dataset.path.with_name(f"{dataset.path.stem}-{inception.key}{'' if label is None else f'-class{label}'}.npz")
 
 
 def load_statistics_file(path: str) -> dict:
@@ -216,21 +220,25 @@ def describe(result: dict) -> str:
 
 
 def generated_features(unet, sampler, seeds: list[int], steps: int, batch_size: int, dtype, eta: float,
-                       inception: Inception, state, keep_images: bool = False, desc: str = "generating + scoring"):
+                       inception: Inception, state, keep_images: bool = False, desc: str = "generating + scoring",
+                       labels: Optional[list[int]] = None, guidance_scale: float = 1.0):
     """Features of the images of these seeds, ordered by seed, on the main process (None elsewhere); each process
-    draws its share (seeds[rank::processes]). Also the uint8 images when asked, and the seconds spent."""
+    draws its share (seeds[rank::processes]). Also the uint8 images when asked, and the seconds spent. A
+    class-conditional model draws seed i of class labels[i] with that guidance scale."""
     import torch
     from tqdm.auto import tqdm
 
-    from sampling import gather_by_seed, generate, shard, to_uint8
+    from sampling import for_model, gather_by_seed, generate, shard, to_uint8
 
     mine = shard(seeds, state)
+    my_labels = shard(labels, state) if labels is not None else None
     features, images, seconds = [], [], {"generation_s": 0.0, "features_s": 0.0}
     with tqdm(total=len(seeds), desc=desc, unit="img", disable=not state.is_main_process) as bar:
         for start in range(0, len(mine), batch_size):
             began = time.perf_counter()
+            guidance = for_model(unet, my_labels and my_labels[start:start + batch_size], guidance_scale)
             chunk = to_uint8(generate(unet, sampler, mine[start:start + batch_size], steps, batch_size, dtype, eta,
-                                      progress=False))
+                                      progress=False, guidance=guidance))
             seconds["generation_s"] += time.perf_counter() - began
             began = time.perf_counter()
             features.append(inception_features(inception, chunk, state.device))

@@ -24,7 +24,12 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 ARCHITECTURE = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
-def build_unet(m: ModelConfig, image_size: int, channels: int):
+CLASS_NAMES_FILE = "class_names.json"  # in unet/, beside the weights: a class-conditional model's classes
+
+
+def build_unet(m: ModelConfig, image_size: int, channels: int, num_classes: int = 0):
+    """The UNet; with num_classes, a class embedding of num_classes + 1 rows: the last is the null class (no label),
+    which classifier-free guidance asks for."""
     from diffusers import UNet2DModel
 
     try:
@@ -32,9 +37,28 @@ def build_unet(m: ModelConfig, image_size: int, channels: int):
                            layers_per_block=m.layers_per_block, block_out_channels=m.block_out_channels,
                            down_block_types=m.down_block_types, up_block_types=m.up_block_types,
                            attention_head_dim=m.attention_head_dim, norm_num_groups=m.norm_num_groups,
-                           dropout=m.dropout)
+                           dropout=m.dropout, num_class_embeds=num_classes + 1 if num_classes else None)
     except ValueError as e:  # diffusers names the unknown block type
         raise UserError(f"{e}; use block types such as DownBlock2D, AttnDownBlock2D / UpBlock2D, AttnUpBlock2D") from None
+
+
+def fit_class_embedding(unet, num_classes: int):
+    """A pretrained UNet (a fine-tune's) made to take this run's classes: with another class count, or none before, a
+    new class embedding of num_classes + 1 rows, zeroed, so the fine-tune starts from the pretrained model's own
+    predictions (diffusers adds the class embedding to the time embedding); the other weights are kept."""
+    from diffusers import UNet2DModel
+
+    rows, wanted = unet.config.num_class_embeds, num_classes + 1 if num_classes else None
+    if rows == wanted:
+        return unet
+    if wanted is None:
+        raise UserError(f"--pretrained_model_path is a class-conditional model ({rows - 1} classes); fine-tune it "
+                        f"with --class_conditional on labelled data, or start from an unconditional model")
+    fitted = UNet2DModel.from_config({**unet.config, "num_class_embeds": wanted})
+    weights = {k: v for k, v in unet.state_dict().items() if not k.startswith("class_embedding.")}
+    fitted.load_state_dict(weights, strict=False)
+    torch.nn.init.zeros_(fitted.class_embedding.weight)
+    return fitted.to(unet.dtype)
 
 
 def build_noise_scheduler(s: SchedulerConfig):
@@ -62,13 +86,20 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
 
 def save_model(folder: Path, unet, noise_scheduler, record: dict) -> None:
     """A diffusers DDPMPipeline (model_index.json, unet/, scheduler/; DDPMPipeline.from_pretrained loads it) and the
-    run's config.json, into a folder being written (files.atomic_folder, or a checkpoint's partial folder)."""
+    run's config.json, into a folder being written (files.atomic_folder, or a checkpoint's partial folder). A
+    class-conditional UNet gets its class names (and each class's training images) beside its weights, in
+    unet/class_names.json: UNet2DModel.from_pretrained ignores the file and the folder stays a diffusers one."""
     from diffusers import DDPMPipeline
 
     from files import write_json
 
     DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(folder)
     write_json(folder / "config.json", record)
+    if unet.config.num_class_embeds:
+        facts = record.get("_provenance", {})
+        write_json(folder / "unet" / CLASS_NAMES_FILE, {"classes": facts["classes"],
+                                                         "counts": facts.get("class_counts"),
+                                                         "null_class": unet.config.num_class_embeds - 1})
 
 
 @dataclasses.dataclass
@@ -78,6 +109,27 @@ class SavedModel:
     unet: torch.nn.Module  # UNet2DModel, in eval mode, on the CPU
     schedule: dict  # the trained DDPMScheduler's config: every sampler is built from it
     record: Optional[dict] = None  # the config.json train_ddpm.py saved beside the weights (None: not ours)
+    folder: Optional[Path] = None  # where it was loaded from (None: the Hub)
+    # A class-conditional UNet's class names by label (None: unconditional), and its training images of each class
+    # (None: not known, taken as equal); read from unet/class_names.json.
+    classes: Optional[list[str]] = dataclasses.field(init=False, default=None)
+    class_counts: Optional[list[int]] = dataclasses.field(init=False, default=None)
+
+    def __post_init__(self):
+        self.classes, self.class_counts = class_names(self.unet, self.folder)
+
+
+def class_names(unet, folder: Optional[Path]) -> tuple[Optional[list[str]], Optional[list[int]]]:
+    """A class-conditional UNet's class names and counts from unet/class_names.json; without the file (a model not
+    trained here), its labels' numbers."""
+    rows = unet.config.get("num_class_embeds")
+    if not rows:
+        return None, None
+    saved = {}
+    if folder is not None and (folder / "unet" / CLASS_NAMES_FILE).exists():
+        saved = json.loads((folder / "unet" / CLASS_NAMES_FILE).read_text())
+    classes = saved.get("classes") or [str(i) for i in range(rows - 1)]
+    return classes, saved.get("counts")
 
 
 def load_model(path: str, flag: str = "--model_path", dtype: Optional[torch.dtype] = None) -> SavedModel:
@@ -132,8 +184,9 @@ def _load_pipeline(path: str, flag: str, dtype, where: str) -> SavedModel:
         raise UserError(f"{flag} {path} {where}: {e.__class__.__name__}: {reason}; pass the final_model/ folder "
                         f"that train_ddpm.py writes") from None
     folder = Path(path).expanduser()
-    return SavedModel(pipeline.unet.eval(), pipeline.scheduler.config,
-                      _record_beside(folder) if folder.is_dir() else None)
+    local = folder.is_dir()
+    return SavedModel(pipeline.unet.eval(), pipeline.scheduler.config, _record_beside(folder) if local else None,
+                      folder=folder if local else None)
 
 
 def _load_parts(folder: Path, dtype) -> SavedModel:
@@ -143,7 +196,7 @@ def _load_parts(folder: Path, dtype) -> SavedModel:
     unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=dtype or torch.float32)
     has_schedule = (folder / "scheduler" / "scheduler_config.json").exists()
     schedule = DDPMScheduler.from_pretrained(folder / "scheduler") if has_schedule else DDPMScheduler()
-    return SavedModel(unet.eval(), schedule.config, _record_beside(folder))
+    return SavedModel(unet.eval(), schedule.config, _record_beside(folder), folder=folder)
 
 
 def _load_old_checkpoint(folder: Path, dtype) -> SavedModel:

@@ -5,16 +5,19 @@ An image is addressed by its seed: its initial noise and every noise draw of a s
 from a CPU generator of its own, so image i depends on (model, sampler, steps, seed) and not on the batch
 it was drawn in, the batch size or the device. The same loop edits given images (Known): SDEdit starts it from a
 noised image, RePaint keeps part of an image and jumps back in time; each result is still addressed by its seed.
+A class-conditional model is asked for one class per image (Guidance), with classifier-free guidance: the image of
+a seed then depends on its class and the guidance scale too, never on the batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
 import os
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Iterator, Optional, TypeVar
 
 import imageio.v3 as iio
 import torch
@@ -32,7 +35,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from config import UserError
+from config import DEFAULT_GUIDANCE_SCALE, UserError
 from files import atomic_file, write_json
 
 T = TypeVar("T")
@@ -159,9 +162,50 @@ def _start(sampler: SchedulerMixin, noise: torch.Tensor, timesteps: torch.Tensor
     return sampler.add_noise(known.images, noise, timesteps[:1].repeat(len(noise)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+    """What a class-conditional model is asked for: a class per image, and the classifier-free guidance scale w
+    (Ho & Salimans 2022, as diffusers writes it): eps = eps(x, null) + w (eps(x, class) - eps(x, null)); w 0 draws
+    unconditionally, w 1 conditionally without guidance. Labels index the model's classes; null_class is the class
+    embedding's last row, the "no label" that training drops labels to."""
+
+    labels: torch.Tensor  # int64 [N] on the CPU, one per noise image
+    null_class: int
+    scale: float = DEFAULT_GUIDANCE_SCALE
+
+    def __getitem__(self, index) -> "Guidance":
+        return dataclasses.replace(self, labels=self.labels[index])
+
+
+def for_model(unet, labels: Optional[list[int]], scale: float = DEFAULT_GUIDANCE_SCALE) -> Optional[Guidance]:
+    """The Guidance of these labels for this UNet (None for an unconditional one, which takes no labels)."""
+    rows = unet.config.get("num_class_embeds")
+    if not rows or labels is None:
+        return None
+    return Guidance(torch.as_tensor(labels, dtype=torch.long), rows - 1, scale)
+
+
+def predict_noise(unet, x: torch.Tensor, t, guidance: Optional[Guidance]) -> torch.Tensor:
+    """The UNet's prediction (epsilon or v, float32). With guidance, the conditional and unconditional predictions
+    come from one batched forward pass of [x, x] with [labels, null] (w 0 and 1 need only one of them); a
+    class-conditional UNet asked for no class predicts unconditionally."""
+    rows = unet.config.get("num_class_embeds")
+    if not rows:
+        return unet(x, t, return_dict=False)[0].float()
+    if guidance is None:
+        guidance = Guidance(torch.full((len(x),), rows - 1), rows - 1, 0.0)
+    labels = guidance.labels.to(x.device)
+    null = torch.full_like(labels, guidance.null_class)
+    if guidance.scale in (0, 1):
+        return unet(x, t, class_labels=labels if guidance.scale else null, return_dict=False)[0].float()
+    both = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null]), return_dict=False)[0].float()
+    conditional, unconditional = both.chunk(2)
+    return unconditional + guidance.scale * (conditional - unconditional)
+
+
 def _denoise(unet, sampler: SchedulerMixin, noise: torch.Tensor, generators: list[torch.Generator],
              num_inference_steps: int, dtype: torch.dtype, step_kwargs: dict,
-             known: Optional[Known] = None) -> torch.Tensor:
+             known: Optional[Known] = None, guidance: Optional[Guidance] = None) -> torch.Tensor:
     """Run the sampler from `noise` (float32, CPU) to images in [0, 1] (float32, CPU), editing `known` if given."""
     device = next(unet.parameters()).device
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -177,7 +221,7 @@ def _denoise(unet, sampler: SchedulerMixin, noise: torch.Tensor, generators: lis
             x = sampler.undo_step(x, previous, generators)
         else:
             model_input = sampler.scale_model_input(x, t).to(dtype=dtype, memory_format=memory_format)
-            eps = unet(model_input, t, return_dict=False)[0].float()
+            eps = predict_noise(unet, model_input, t, guidance)
             x = sampler.step(eps, t, x, **step_kwargs, return_dict=False)[0]
         previous = t
     return (x / 2 + 0.5).clamp(0, 1).cpu()
@@ -187,9 +231,9 @@ def _denoise(unet, sampler: SchedulerMixin, noise: torch.Tensor, generators: lis
 def sample_images(unet, sampler: SchedulerMixin, noise: torch.Tensor, generators: list[torch.Generator],
                   num_inference_steps: int, batch_size: int, dtype: torch.dtype = torch.float32,
                   eta: float = 0.0, desc: str = "sampling", progress: bool = True,
-                  known: Optional[Known] = None) -> torch.Tensor:
-    """Denoise each noise image with its own generator (editing its known image, if given), batch_size at a time;
-    images in [0, 1] on the CPU.
+                  known: Optional[Known] = None, guidance: Optional[Guidance] = None) -> torch.Tensor:
+    """Denoise each noise image with its own generator (editing its known image, if given; of its class, if
+    guided), batch_size at a time; images in [0, 1] on the CPU.
 
     A CUDA out-of-memory error halves the batch and retries, with the generators rewound so the images are
     unchanged.
@@ -206,7 +250,8 @@ def sample_images(unet, sampler: SchedulerMixin, noise: torch.Tensor, generators
             try:
                 done.append(_denoise(unet, sampler, noise[start:stop], generators[start:stop],
                                      num_inference_steps, dtype, step_kwargs,
-                                     None if known is None else known[start:stop]))
+                                     None if known is None else known[start:stop],
+                                     None if guidance is None else guidance[start:stop]))
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise
@@ -223,14 +268,61 @@ def sample_images(unet, sampler: SchedulerMixin, noise: torch.Tensor, generators
 
 def generate(unet, sampler: SchedulerMixin, seeds: list[int], num_inference_steps: int, batch_size: int,
              dtype: torch.dtype = torch.float32, eta: float = 0.0, desc: str = "sampling",
-             progress: bool = True, known: Optional[Known] = None) -> torch.Tensor:
+             progress: bool = True, known: Optional[Known] = None,
+             guidance: Optional[Guidance] = None) -> torch.Tensor:
     """Images addressed by seed: image i is a function of (model, sampler, steps, seeds[i]) alone, and of its known
-    image when editing (seeds may repeat: one per edit of each image)."""
+    image when editing (seeds may repeat: one per edit of each image), and of its class and the guidance scale for
+    a class-conditional model."""
     cfg = unet.config
     generators = seeded_generators(seeds)
     noise = initial_noise(generators, (cfg.in_channels, cfg.sample_size, cfg.sample_size))
     return sample_images(unet, sampler, noise, generators, num_inference_steps, batch_size, dtype, eta, desc, progress,
-                         known)
+                         known, guidance)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Classes: asked for by name or number, or drawn by seed
+# ---------------------------------------------------------------------------------------------------
+
+
+CLASS_STREAM = 0xC1A55  # the random stream a seed's class is drawn from, apart from its noise
+
+
+def classes_by_seed(seeds: list[int], counts: Optional[list[int]], num_classes: int) -> list[int]:
+    """Each seed's class, drawn from a random stream of the seed's own in proportion to counts (the training images
+    of each class; None: equal): the same seed always gets the same class, in any batch or process."""
+    import numpy as np
+
+    weights = np.asarray(counts if counts else [1] * num_classes, dtype=np.float64)
+    cumulative = np.cumsum(weights) / weights.sum()
+    draws = [np.random.default_rng([CLASS_STREAM, int(seed) % 2 ** 63]).random() for seed in seeds]
+    return np.minimum(np.searchsorted(cumulative, draws, side="right"), num_classes - 1).tolist()
+
+
+def class_indices(wanted: list[str], classes: Optional[list[str]], flag: str = "--class_label") -> list[int]:
+    """The labels of classes named by name or number; a UserError naming the model's classes for any other."""
+    if classes is None:
+        raise UserError(f"{flag} needs a class-conditional model; this one was trained without classes (train one "
+                        f"with train_ddpm.py --class_conditional)")
+    indices = []
+    for word in wanted:
+        if word in classes:
+            indices.append(classes.index(word))
+        elif word.isdigit() and int(word) < len(classes):
+            indices.append(int(word))
+        else:
+            raise UserError(f"{flag} {word} is not one of the model's classes: {', '.join(classes)} (or their numbers "
+                            f"0-{len(classes) - 1})")
+    return indices
+
+
+def rows_by_class(images: torch.Tensor, labels: list[int]) -> tuple[torch.Tensor, int]:
+    """The images laid out one row per class (classes in label order, each row in the given order), shorter rows
+    padded with blank cells; and the row length, for save_grid."""
+    rows = [[image for image, label in zip(images, labels) if label == c] for c in sorted(set(labels))]
+    columns = max(map(len, rows))
+    blank = torch.zeros_like(images[0])
+    return torch.stack([cell for row in rows for cell in row + [blank] * (columns - len(row))]), columns
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -410,15 +502,32 @@ def image_grid(images: torch.Tensor, columns: Optional[int] = None) -> torch.Ten
 
 
 def save_images_by_seed(out: Path, images: torch.Tensor, seeds: list[int], columns: Optional[int],
-                        display_size: int) -> list[dict]:
-    """seed{N}.png for each image (native size: data) and grid.png (scaled for display); the manifest's entries."""
+                        display_size: int, labels: Optional[list[int]] = None,
+                        classes: Optional[list[str]] = None) -> list[dict]:
+    """seed{N}.png for each image (native size: data) and grid.png (scaled for display); the manifest's entries.
+    Images of a class-conditional model (labels: each one's class) are {class}_seed{N}.png, in a grid of a row per
+    class."""
     files = []
-    for seed, image in zip(seeds, images):
-        name = f"seed{seed:06d}.png"
+    for k, (seed, image) in enumerate(zip(seeds, images)):
+        if labels is None:
+            name, entry = f"seed{seed:06d}.png", {}
+        else:
+            name = f"{file_safe(classes[labels[k]])}_seed{seed:06d}.png"
+            entry = {"class": classes[labels[k]], "label": labels[k]}
         save_png(image, out / name)
-        files.append({"file": name, "seed": seed})
+        files.append({"file": name, "seed": seed, **entry})
+    if labels is not None:
+        images, by_class = rows_by_class(images, labels)
+        columns = columns or by_class
     save_grid(images, out / "grid.png", columns, display_size=display_size)
     return files
+
+
+def file_safe(name: str) -> str:
+    """A class name as part of a file name: anything but letters, digits, '.', '-' and '_' becomes '_'."""
+    import re
+
+    return re.sub(r"[^\w.-]+", "_", name) or "_"
 
 
 def interpolation_noise(shape: tuple[int, int, int], start_seed: int, end_seed: int, frames: int):
@@ -428,6 +537,21 @@ def interpolation_noise(shape: tuple[int, int, int], start_seed: int, end_seed: 
     fractions = [k / (frames - 1) for k in range(frames)]
     noise = torch.stack([slerp(start, end, f) for f in fractions])
     return noise, seeded_generators([start_seed] * frames), fractions
+
+
+@contextlib.contextmanager
+def blended_classes(unet, first: int, last: int, fractions: list[float]) -> Iterator[list[int]]:
+    """Labels that ask for the class embeddings (1 - f) E[first] + f E[last], one per fraction f, for the block: the
+    UNet's class embedding is extended by those rows meanwhile (diffusers adds the class embedding to the time
+    embedding, so a blend of two rows is a class between the two). The null class keeps its label."""
+    table = unet.class_embedding
+    weight = table.weight.detach()
+    blends = torch.stack([torch.lerp(weight[first], weight[last], f) for f in fractions])
+    unet.class_embedding = torch.nn.Embedding.from_pretrained(torch.cat([weight, blends]))
+    try:
+        yield list(range(len(weight), len(weight) + len(fractions)))
+    finally:
+        unet.class_embedding = table
 
 
 def save_interpolation(out: Path, frames: torch.Tensor, fractions: list[float], start_seed: int, end_seed: int,

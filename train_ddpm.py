@@ -3,6 +3,7 @@ Hugging Face dataset (Hub id, save_to_disk folder or parquet files).
 
     python train_ddpm.py                                   # README defaults (config.py)
     python train_ddpm.py --dataset_name mnist --image_size 32 --num_epochs 5
+    python train_ddpm.py --dataset_name custom --dataset_path ./pets --class_conditional   # a class per sub-folder
     accelerate launch train_ddpm.py ...                    # several GPUs or machines
     python train_ddpm.py --resume_from_checkpoint latest   # continue a stopped run exactly
 
@@ -32,10 +33,10 @@ import config as config_module
 from config import TRAINING_SECTIONS, Config, Resolved, TrainingConfig, UserError
 from checkpoint import (CHECKPOINT_NAME, Progress, ema_weights, find_checkpoint, load_checkpoint,
                         register_wrapper_free_weights, save_checkpoint, saved_layout)
-from dataset import batches_per_epoch, check_source, load_dataset, make_dataloader, to_model_input
+from dataset import Labelled, batches_per_epoch, check_source, load_dataset, make_dataloader, to_model_input
 from ema import POSTHOC_LENGTHS, SNAPSHOT_FOLDER, PowerEMA, drop_snapshots_after
 from files import OLD, atomic_folder, read_json, restore_interrupted, write_json
-from model import build_noise_scheduler, build_unet, count_parameters, load_model, save_model
+from model import build_noise_scheduler, build_unet, count_parameters, fit_class_embedding, load_model, save_model
 
 RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png", "best_model",
                SNAPSHOT_FOLDER)
@@ -135,6 +136,7 @@ class TrainingParts:
     noise_scheduler: object  # the DDPMScheduler that noises the training images
     images_per_step: int  # images one optimizer step trains on, over all processes: the EMA's clock
     ema_params: list = dataclasses.field(default_factory=list)  # unet's parameters, listed once
+    null_class: Optional[int] = None  # class-conditional: the label of no class, that class_dropout drops labels to
     loss_weights: Optional[torch.Tensor] = None  # per timestep (loss_weights()), on the device; None: plain MSE
     sigma_boundaries: Optional[torch.Tensor] = None  # lognormal timesteps (lognormal_boundaries()); None: uniform
 
@@ -146,7 +148,10 @@ def build_training(run: Resolved, accelerator, pretrained=None) -> TrainingParts
 
     cfg, t = run.cfg, run.cfg.training
     set_seed(t.seed)  # the initial weights
-    model = pretrained if pretrained is not None else build_unet(cfg.model, t.image_size, run.channels)
+    if pretrained is not None:
+        model = fit_class_embedding(pretrained, len(run.classes))
+    else:
+        model = build_unet(cfg.model, t.image_size, run.channels, len(run.classes))
     model.train()  # from_pretrained leaves a model in eval mode: dropout would be off
     if t.freeze_down_blocks:
         model.conv_in.requires_grad_(False)
@@ -175,7 +180,7 @@ def build_training(run: Resolved, accelerator, pretrained=None) -> TrainingParts
         accelerator.register_for_checkpointing(ema)
     noise_scheduler = build_noise_scheduler(cfg.scheduler)
     return TrainingParts(model, unet, optimizer, fused, lr_schedule, ema, noise_scheduler, run.images_per_step,
-                         list(unet.parameters()),
+                         list(unet.parameters()), len(run.classes) if run.classes else None,
                          loss_weights(noise_scheduler, cfg, accelerator.device),
                          lognormal_boundaries(noise_scheduler, accelerator.device)
                          if t.timestep_sampling == "lognormal" else None)
@@ -270,6 +275,12 @@ def lognormal_boundaries(noise_scheduler, device: torch.device) -> torch.Tensor:
     return ((log_sigma[1:] + log_sigma[:-1]) / 2).float().to(device)
 
 
+def drop_labels(labels: torch.Tensor, p: float, null_class: int) -> torch.Tensor:
+    """Each label replaced by the null class with probability p, drawn on the labels' device (no host sync): the
+    images trained without their class teach the same model the unconditional prediction that guidance needs."""
+    return torch.where(torch.rand(labels.shape, device=labels.device) < p, null_class, labels)
+
+
 def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int):
     """One micro-step: the diffusion loss and backward; every accumulation also a clipped AdamW step, the LR schedule
     and the EMA. Never waits for the GPU: every decision stays on the device. Returns the loss and, on optimizer steps,
@@ -277,6 +288,7 @@ def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int)
     NaN/inf (an fp16 overflow with a finite loss is the scaler's search, not a NaN step); None on micro-steps."""
     seed_micro_step(seed, accelerator.device)
     model, optimizer, noise_scheduler = parts.model, parts.optimizer, parts.noise_scheduler
+    batch, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)  # labels: class-conditional runs
     clean = to_model_input(batch, cfg.data.random_flip)
     if clean.is_cuda:
         clean = clean.contiguous(memory_format=torch.channels_last)
@@ -289,9 +301,11 @@ def train_step(batch, parts: TrainingParts, accelerator, cfg: Config, seed: int)
         timesteps = torch.bucketize(log_sigma, parts.sigma_boundaries)
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)  # \sqrt{\bar\alpha_t} x_0 + \sqrt{1-\bar\alpha_t} eps
     target = noise if cfg.scheduler.prediction_type == "epsilon" else noise_scheduler.get_velocity(clean, noise, timesteps)
+    if labels is not None:
+        labels = drop_labels(labels, cfg.training.class_dropout, parts.null_class)
     finite = None
     with accelerator.accumulate(model):
-        prediction = model(noisy, timesteps, return_dict=False)[0]
+        prediction = model(noisy, timesteps, class_labels=labels, return_dict=False)[0]
         if parts.loss_weights is None:
             loss = F.mse_loss(prediction.float(), target.float())
         else:
@@ -378,36 +392,54 @@ class GraphView(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep):
-        return self.unet(sample, timestep, return_dict=False)[0]
+    def forward(self, sample, timestep, class_labels=None):
+        return self.unet(sample, timestep, class_labels=class_labels, return_dict=False)[0]
 
 
 def log_graph(writer, unet, channels: int, size: int) -> None:
     sample = torch.zeros(1, channels, size, size, device=unet.device)
     timestep = torch.zeros(1, dtype=torch.long, device=unet.device)
+    inputs = (sample, timestep) + ((timestep,) if unet.config.num_class_embeds else ())  # class 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            writer.add_graph(GraphView(unet).eval(), (sample, timestep))
+            writer.add_graph(GraphView(unet).eval(), inputs)
         except Exception as e:  # the graph is a nicety; never let it stop training
             print(f"notice: the model graph was not logged ({e.__class__.__name__})")
     unet.train()
 
 
+PREVIEW_CLASSES = 16  # a class-conditional run's previews show at most this many classes, a row each
+
+
+def preview_layout(t: TrainingConfig, num_classes: int) -> tuple[list[int], Optional[list[int]], Optional[int]]:
+    """The previews' seeds, and for a class-conditional run their classes and row length: a row per class (at most
+    PREVIEW_CLASSES, chosen by the run's seed), the same seeds in every row, so a column shows one noise in each
+    class; at least 2 per row, num_preview_images in all when the classes allow."""
+    if not num_classes:
+        return list(range(t.num_preview_images)), None, None
+    generator = torch.Generator().manual_seed(t.seed)
+    shown = sorted(torch.randperm(num_classes, generator=generator)[:PREVIEW_CLASSES].tolist())
+    columns = max(2, math.ceil(t.num_preview_images / len(shown)))
+    return list(range(columns)) * len(shown), [c for c in shown for _ in range(columns)], columns
+
+
 def draw_previews(accelerator, unet, ema, cfg: Config, noise_scheduler, path: Path, tag: str, step: int):
-    """Sample the preview grid with the EMA weights (main process; the others wait)."""
-    from sampling import generate, image_grid, make_sampler, save_grid
+    """Sample the preview grid with the EMA weights (main process; the others wait); a class-conditional run's with
+    the default guidance, a row per class."""
+    from sampling import for_model, generate, image_grid, make_sampler, save_grid
 
     if accelerator.is_main_process:
         sampler = make_sampler(cfg.training.sample_scheduler, noise_scheduler.config)
-        seeds = list(range(cfg.training.num_preview_images))
+        rows = unet.config.num_class_embeds
+        seeds, labels, columns = preview_layout(cfg.training, rows - 1 if rows else 0)
         with ema_weights(ema, unet), accelerator.autocast():
             unet.eval()
             images = generate(unet, sampler, seeds, cfg.training.sample_num_inference_steps,
-                              batch_size=cfg.training.num_preview_images, desc=f"preview {path.name}")
+                              batch_size=len(seeds), desc=f"preview {path.name}", guidance=for_model(unet, labels))
             unet.train()
-        save_grid(images, path, display_size=cfg.training.display_size)
-        log_image(accelerator, tag, image_grid(images), step)
+        save_grid(images, path, columns, display_size=cfg.training.display_size)
+        log_image(accelerator, tag, image_grid(images, columns), step)
     accelerator.wait_for_everyone()
 
 
@@ -515,12 +547,29 @@ def load_inputs(cfg: Config, state):
     t = cfg.training
     dataset = first_alone(state, lambda: load_dataset(t.dataset_name, t.image_size, cfg.data,
                                                       progress=state.is_local_main_process), local=True)
+    if t.class_conditional:
+        check_classes(cfg, dataset)
     # A resumed fine-tune gets its weights from the checkpoint; its config holds the pretrained architecture.
     pretrained = None
     if t.pretrained_model_path and not t.resume_from_checkpoint:
         pretrained = load_model(t.pretrained_model_path, flag="--pretrained_model_path").unet
     evaluation = Evaluation(cfg, state, dataset) if t.eval_epochs else None
     return dataset, pretrained, evaluation
+
+
+def check_classes(cfg: Config, dataset) -> None:
+    """A class-conditional run needs labelled data, and a resumed one the classes its checkpoint was trained on."""
+    t = cfg.training
+    if dataset.classes is None:
+        raise UserError(f"--class_conditional needs labels, and {dataset.meta.get('source')} has none: put each "
+                        f"class's images in a sub-folder of its own (as torchvision's ImageFolder reads them), or "
+                        f"name a Hugging Face dataset's class column with --label_column")
+    if t.resume_from_checkpoint:
+        saved = read_json(Path(t.resume_from_checkpoint) / "config.json").get("_provenance", {}).get("classes")
+        if saved != dataset.classes:
+            raise UserError(f"the data's classes ({len(dataset.classes)}: {', '.join(dataset.classes[:5])}...) are not "
+                            f"the {len(saved or ())} the checkpoint was trained on; resume on the same classes, or "
+                            f"start a new run from its weights with --pretrained_model_path")
 
 
 def start_accelerator(run: Resolved, state, dataset):
@@ -537,7 +586,8 @@ def start_accelerator(run: Resolved, state, dataset):
         # The batch copy does not wait for the GPU (from pinned memory, pin_memory below).
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
         step_scheduler_with_optimizer=False, dynamo_backend="inductor" if run.compile else "no")
-    loader, order = make_dataloader(dataset, t.train_batch_size, run.num_processes, t.seed,
+    batches = Labelled(dataset) if run.classes else dataset  # a class-conditional run's batches carry their labels
+    loader, order = make_dataloader(batches, t.train_batch_size, run.num_processes, t.seed,
                                     run.cfg.data.dataloader_num_workers, pin_memory=state.device.type == "cuda")
     loader = accelerator.prepare(loader)
     assert math.ceil(len(loader) / t.gradient_accumulation_steps) == run.steps_per_epoch
@@ -620,10 +670,10 @@ def train(cfg: Config) -> int:
         cfg, count_parameters, channels=dataset.channels, num_processes=state.num_processes, seed=drawn_seed,
         batches_per_epoch=batches_per_epoch(len(dataset), t.train_batch_size, state.num_processes),
         pretrained=pretrained.config if pretrained is not None else None, device_type=device.type,
-        native_bf16=native_bf16(device))
+        native_bf16=native_bf16(device), classes=dataset.classes)
     cfg, t, out, total_steps = run.cfg, run.cfg.training, Path(run.cfg.training.output_dir).expanduser(), run.total_steps
     if main:
-        print("\n".join([*run.notices, dataset.describe(cfg.data.random_flip)]))
+        print("\n".join([*run.notices, dataset.describe(cfg.data.random_flip, t.class_conditional)]))
         if run.chosen:
             print("auto: " + ", ".join(f"{name} {value:g}" for name, value in run.chosen.items()) +
                   f" (for {run.num_parameters / 1e6:.1f}M parameters and {total_steps} steps; pass a value to "
@@ -635,7 +685,9 @@ def train(cfg: Config) -> int:
     pipeline = (unet, ema, noise_scheduler)
     record = config_module.config_record(cfg, seed=t.seed, channels=run.channels, num_processes=run.num_processes,
                                          mixed_precision=run.precision, device=str(device),
-                                         dataset_images=len(dataset))
+                                         dataset_images=len(dataset),
+                                         **(dict(classes=list(run.classes), class_counts=dataset.class_counts())
+                                            if run.classes else {}))
     # --- 5. Resume -----------------------------------------------------------------------------------
     progress = Progress()
     if resumed_from:
@@ -755,6 +807,7 @@ class Evaluation:
             return inception, reference_statistics(dataset, inception, state.device, main) if main else None
 
         self.inception, self.reference = first_alone(state, load)
+        self.class_counts = dataset.class_counts() if cfg.training.class_conditional else None
         self.best_fid = math.inf
         if (self.best_dir / "metrics.json").exists():  # a resumed run competes with its earlier best
             self.best_fid = read_json(self.best_dir / "metrics.json")["fid"]
@@ -762,16 +815,21 @@ class Evaluation:
     def __call__(self, accelerator, unet, noise_scheduler, step: int, record: dict) -> None:
         from tqdm.auto import tqdm
 
+        from config import DEFAULT_GUIDANCE_SCALE
         from metrics import describe, generated_features, score
-        from sampling import make_sampler
+        from sampling import classes_by_seed, make_sampler
 
         t = self.cfg.training
         sampler = make_sampler(t.sample_scheduler, noise_scheduler.config)
+        seeds = list(range(t.eval_num_images))
+        counts = self.class_counts  # a class-conditional model draws its classes in proportion to the data
+        labels = classes_by_seed(seeds, counts, len(counts)) if counts else None
         unet.eval()
         with accelerator.autocast():
-            features, _, _ = generated_features(unet, sampler, list(range(t.eval_num_images)),
-                                                t.sample_num_inference_steps, TRAINING_EVAL_BATCH, unet.dtype, 0.0,
-                                                self.inception, accelerator, desc=f"evaluating at step {step}")
+            features, _, _ = generated_features(unet, sampler, seeds, t.sample_num_inference_steps,
+                                                TRAINING_EVAL_BATCH, unet.dtype, 0.0, self.inception, accelerator,
+                                                desc=f"evaluating at step {step}", labels=labels,
+                                                guidance_scale=DEFAULT_GUIDANCE_SCALE)
         unet.train()
         if accelerator.is_main_process:
             result = score(self.reference, features)

@@ -3,6 +3,7 @@
     python bench/quality.py                          # 3,000 steps, seed 0, every side
     python bench/quality.py --steps 1000 --seeds 0 1
     python bench/quality.py --steps 1000 --label lr6e-4 --ours_args "--learning_rate 6e-4 --lr_warmup_steps 100"
+    python bench/quality.py --conditional            # class-conditional: ask for each letter, sweep the guidance
 
 Every side trains for the same number of optimizer steps at the same batch on the same folder (default
 ../shared/data/glyphs16: 5,772 greyscale 16x16 letters, one folder per letter), then draws --num_samples images
@@ -29,6 +30,13 @@ code. At 3,000 steps each reference side's ratio to plain is checked against the
 (REFERENCE_RATIOS): a side far from its ratio is a bug in the side.
 Writes OUT/compare-*.png (the sides left to right: plain, lucid, edm, ours) and appends every score to
 OUT/results.jsonl.
+
+--conditional: the class-conditional protocol, on the same data, UNet, batch and steps. Ours is trained twice with
+the real CLIs: as above (unconditional), and with --class_conditional, which then draws --per_class images of every
+class (inference.py --class_label, each letter by name) at each of --guidance_scales. Scores: the judge's accuracy on
+the requested class; the distance over all classes (as above, the same number of images for both models); and the
+distance per class, averaged over the classes (the unconditional model's images are given the class the judge sees in
+them). Writes OUT/conditional-*-w{W}.png: a row per class, --per_class images each (at most 10).
 """
 
 from __future__ import annotations
@@ -84,6 +92,11 @@ def parse_args(argv=None):
     p.add_argument("--reuse", action="store_true", help="score our side's existing samples instead of retraining")
     p.add_argument("--score", nargs="+", metavar="DIR",
                    help="only score these folders of generated images (inference.py outputs), e.g. other samplers")
+    p.add_argument("--conditional", action="store_true",
+                   help="the class-conditional protocol: ours with --class_conditional against ours unconditional")
+    p.add_argument("--guidance_scales", type=float, nargs="+", default=[0, 1, 2, 3, 5],
+                   help="conditional: the guidance scales w to sample at (0: unconditional, 1: no guidance)")
+    p.add_argument("--per_class", type=int, default=20, help="conditional: images asked of each class")
     p.add_argument("--worker", choices=REFERENCE_SIDES, help=argparse.SUPPRESS)
     p.add_argument("--worker_dir", help=argparse.SUPPRESS)
     p.add_argument("--worker_seed", type=int, help=argparse.SUPPRESS)
@@ -426,12 +439,25 @@ def ours_script(args, seed: int, run_dir: Path) -> str:
     return f"{shlex.join(train)} && {shlex.join(sample)}"
 
 
+def conditional_script(args, seed: int, run_dir: Path) -> str:
+    """Our class-conditional side: train_ddpm.py --class_conditional (else as ours_script), then inference.py asking
+    for --per_class images of every class at each guidance scale, into run_dir/samples-w{W}."""
+    train = [*train_command(args.data, args.image_size, args.batch_size, args.steps, seed, run_dir / "run",
+                            Path(args.out) / "data"), "--class_conditional", *shlex.split(args.ours_args)]
+    classes = labelled_files(args.data)[2]
+    sample = [[sys.executable, str(ROOT / "inference.py"), "--model_path", str(run_dir / "run" / "final_model"),
+               "--class_label", *classes, "--num_images", str(args.per_class), *shlex.split(args.sampler_args),
+               "--guidance_scale", f"{w:g}", "--batch_size", "150", "--output_dir", str(run_dir / f"samples-w{w:g}")]
+              for w in args.guidance_scales]
+    return " && ".join(shlex.join(command) for command in [train, *sample])
+
+
 def start_side(args, side: str, seed: int, run_dir: Path) -> subprocess.Popen:
     """One side's training and sampling, in a subprocess of its own that logs to run_dir/log.txt."""
     run_dir.mkdir(parents=True, exist_ok=True)
     extra_path = install_lucid(Path(args.out)) if side == "lucid" else None
-    if side == "ours":
-        script = ours_script(args, seed, run_dir)
+    if side in ("ours", "conditional"):
+        script = (ours_script if side == "ours" else conditional_script)(args, seed, run_dir)
         (run_dir / "command.sh").write_text(script + "\n")
         command = ["bash", "-c", script]
     else:
@@ -469,13 +495,93 @@ def read_samples(folder: Path, count: int) -> np.ndarray:
     return np.stack([np.asarray(Image.open(f).convert("L"), dtype=np.uint8) for f in files])
 
 
+def read_requested(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The images inference.py wrote for --class_label (uint8 [N, S, S]) and the class each was asked for, as an
+    index into the judge's classes (matched by name)."""
+    from PIL import Image
+
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    images = np.stack([np.asarray(Image.open(folder / f["file"]).convert("L"), dtype=np.uint8) for f in files])
+    return images, np.asarray([classes.index(f["class"]) for f in files])
+
+
+def per_class_distance(features: np.ndarray, classes_of: np.ndarray, real_features: np.ndarray,
+                       real_labels: np.ndarray) -> dict[int, float]:
+    """The distance of each class's images to the real images of that class (classes with at least 2 images)."""
+    return {int(c): frechet_distance(features[classes_of == c], real_features[real_labels == c])
+            for c in np.unique(classes_of) if (classes_of == c).sum() >= 2}
+
+
+def conditional_scores(model, real_features: np.ndarray, real_labels: np.ndarray, samples: np.ndarray,
+                       requested: np.ndarray | None) -> dict:
+    """Accuracy on the requested classes, the distance over all classes, the mean distance per class. Without
+    requested classes (an unconditional model) each image counts as the class the judge sees in it."""
+    features, probs = judge(model, samples)
+    seen = probs.argmax(1)
+    classes_of = seen if requested is None else requested
+    per_class = per_class_distance(features, classes_of, real_features, real_labels)
+    result = {"distance": frechet_distance(features, real_features),
+              "per_class_distance": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
+              "classes_scored": len(per_class), "per_class": {str(c): d for c, d in per_class.items()}}
+    if requested is not None:
+        result["accuracy"] = float((seen == requested).mean())
+    return result
+
+
+def conditional_main(args, classifier, real_features: np.ndarray, real_labels: np.ndarray, classes: list[str],
+                     out: Path) -> int:
+    """--conditional: ours unconditional and class-conditional at each guidance scale; the table, grids and
+    results.jsonl rows."""
+    args.num_samples = args.per_class * len(classes)  # the unconditional model draws as many images in all
+    started = time.time()
+
+    def run_dir(side: str, seed: int) -> Path:
+        tag = f"steps{args.steps}-seed{seed}"
+        return out / f"ours-{args.label}" / tag if side == "ours" else out / f"ours-{args.label}-conditional" / tag
+
+    def done(side: str, seed: int) -> bool:
+        last = "samples" if side == "ours" else f"samples-w{args.guidance_scales[-1]:g}"
+        return args.reuse and (run_dir(side, seed) / last / "manifest.json").exists()
+
+    todo = [(side, seed, run_dir(side, seed)) for seed in args.seeds for side in ("ours", "conditional")
+            if not done(side, seed)]
+    if not run_all(args, todo):
+        return 1
+    minutes = round((time.time() - started) / 60, 1)
+    for seed in args.seeds:
+        tag = f"steps{args.steps}-seed{seed}"
+        base = conditional_scores(classifier, real_features, real_labels,
+                                  read_samples(run_dir("ours", seed) / "samples", args.num_samples), None)
+        print(f"seed {seed}, {args.steps} steps, {args.per_class} images of each of {len(classes)} classes:")
+        print(f"  unconditional       distance {base['distance']:8.1f}  per class {base['per_class_distance']:8.1f} "
+              f"({base['classes_scored']} classes seen)")
+        rows = []
+        for w in args.guidance_scales:
+            samples, requested = read_requested(run_dir("conditional", seed) / f"samples-w{w:g}", classes)
+            r = conditional_scores(classifier, real_features, real_labels, samples, requested)
+            rows.append({"protocol": "conditional", "seed": seed, "steps": args.steps, "label": args.label,
+                         "ours_args": args.ours_args, "sampler_args": args.sampler_args, "guidance_scale": w,
+                         "per_class_images": args.per_class, "minutes": minutes, "conditional": r,
+                         "unconditional": base})
+            save_class_grid(samples, requested, out / f"conditional-{args.label}-{tag}-w{w:g}.png")
+            print(f"  conditional w {w:<4g} distance {r['distance']:8.1f}  per class {r['per_class_distance']:8.1f}  "
+                  f"accuracy {r['accuracy']:.3f}  all classes vs unconditional {r['distance'] / base['distance']:.3f}")
+        with open(out / "results.jsonl", "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        best = min(rows, key=lambda row: row["conditional"]["distance"])
+        print(f"  lowest distance at w {best['guidance_scale']:g}; accuracy target 0.95, distance target at most "
+              f"the unconditional {base['distance']:.1f}")
+    print(f"per-class grids (a row per class): {out}/conditional-{args.label}-steps{args.steps}-seed*-w*.png")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Pictures
 # ---------------------------------------------------------------------------------------------------
 
 
-def grid(samples: np.ndarray, columns: int = 10, scale: int = 4) -> np.ndarray:
-    shown = samples[: columns * columns]
+def grid(samples: np.ndarray, columns: int = 10, scale: int = 4, rows: int | None = None) -> np.ndarray:
+    shown = samples[: columns * (rows or columns)]
     rows = math.ceil(len(shown) / columns)
     size = samples.shape[-1]
     canvas = np.full((rows * (size + 1) + 1, columns * (size + 1) + 1), 96, dtype=np.uint8)
@@ -483,6 +589,16 @@ def grid(samples: np.ndarray, columns: int = 10, scale: int = 4) -> np.ndarray:
         r, c = divmod(k, columns)
         canvas[1 + r * (size + 1): 1 + r * (size + 1) + size, 1 + c * (size + 1): 1 + c * (size + 1) + size] = image
     return canvas.repeat(scale, 0).repeat(scale, 1)
+
+
+def save_class_grid(samples: np.ndarray, classes_of: np.ndarray, path: Path, columns: int = 10) -> None:
+    """A row per class, its first `columns` images."""
+    from PIL import Image
+
+    rows = [samples[classes_of == c][:columns] for c in np.unique(classes_of)]
+    blank = np.zeros_like(samples[0])
+    cells = [cell for row in rows for cell in [*row, *[blank] * (columns - len(row))]]
+    Image.fromarray(grid(np.stack(cells), columns, rows=len(rows))).save(path)
 
 
 def save_side_by_side(samples: list[np.ndarray], path: Path) -> None:
@@ -515,6 +631,8 @@ def main(argv=None) -> int:
     print(f"judge: CNN on {len(classes)} classes of {len(images)} images, held-out accuracy {accuracy:.3f}; "
           f"real data: confidence {real_probs.max(1).mean():.3f}")
 
+    if args.conditional:
+        return conditional_main(args, classifier, real_features, labels, classes, out)
     if args.score:
         for folder in args.score:
             r = score(classifier, real_features, read_samples(Path(folder), args.num_samples))

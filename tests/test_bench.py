@@ -79,6 +79,17 @@ def test_quality_and_samplers(letters, tmp_path, capsys):
         assert re.search(rf"^  {side} +distance +\d", printed, re.M), printed
     assert "ratio ours/plain at 2 steps" in printed and "reference check: edm/plain" in printed
     assert (out / "compare-defaults-steps2-seed0.png").exists()
+    # The conditional protocol, against the unconditional run above (--reuse: 2 images x 3 classes = its 6 samples).
+    assert quality.main(["--data", str(letters), "--steps", "2", "--conditional", "--per_class", "2",
+                         "--guidance_scales", "2", "--reuse", "--batch_size", "4", "--out", str(out),
+                         "--sampler_args", "--scheduler ddim --num_inference_steps 2"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^  unconditional +distance +\d+\.\d +per class", printed, re.M), printed
+    assert re.search(r"^  conditional w 2 +distance +\d+\.\d +per class +\d+\.\d +accuracy [01]\.\d{3}", printed,
+                     re.M), printed
+    row = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert row["guidance_scale"] == 2 and row["conditional"]["classes_scored"] == 3
+    assert (out / "conditional-defaults-steps2-seed0-w2.png").exists()
     model = save_tiny_pipeline(tmp_path / "model", size=16, channels=1)
     assert samplers.main(["ddim:2", "heun:2:use_karras_sigmas=True", "--model_path", str(model), "--data",
                           str(letters), "--num_samples", "4", "--batch_size", "4", "--out", str(out)]) == 0

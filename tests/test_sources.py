@@ -151,7 +151,8 @@ def train(tmp_path: Path, capsys, *args) -> tuple[str, Path]:
 def test_a_save_to_disk_folder_trains(hf_data, tmp_path, capsys):
     output, _ = train(tmp_path, capsys, "--dataset_name", hf_data["saved"])
     assert data_line(output) == (f"data: {hf_data['saved']} (split train, column image): 12 images at 16px, 3 "
-                                 f"channels (colour images such as row 0), 0 skipped; random flips off")
+                                 f"channels (colour images such as row 0), 0 skipped; 2 classes in the ClassLabel column "
+                                 f"label (labels available: --class_conditional trains on them); random flips off")
     assert "training on 12 images" in output
 
 
