@@ -247,7 +247,7 @@ def test_a_changed_source_replaces_its_cache(hf_data, tmp_path):
     first = load_cached(config_for(saved, data), progress=False)
     zipped = load_cached(config_for("custom", data, dataset_path=str(archive)), progress=False)
     load_cached(config_for(saved, data, num_channels="1"), progress=False)  # another slot: kept
-    assert (len(first), len(zipped)) == (6, 5) and len(list((data / "cache").glob("*.npy"))) == 3
+    assert (len(first), len(zipped)) == (6, 5) and len(cached_images(data)) == 3
 
     shutil.rmtree(saved)
     hf_dataset(count=7, seed=3).save_to_disk(str(saved))  # a new fingerprint
@@ -256,8 +256,16 @@ def test_a_changed_source_replaces_its_cache(hf_data, tmp_path):
     assert len(load_cached(config_for(saved, data), progress=False)) == 8
     assert len(load_cached(config_for("custom", data, dataset_path=str(archive)), progress=False)) == 6
     assert not first.path.exists() and not first.path.with_suffix(".json").exists() and not zipped.path.exists()
-    assert len(list((data / "cache").glob("*.npy"))) == len(list((data / "cache").glob("*.json"))) == 3
+    assert len(cached_images(data)) == len(list((data / "cache").glob("*.json"))) == 3
     assert not list((data / "cache").glob("*partial*"))
+
+
+def cached_images(data: Path) -> list[Path]:
+    """The image caches under data/cache, each checked to leave no labels file behind that lacks its images."""
+    files = list((data / "cache").glob("*.npy"))
+    images = {p.name for p in files if not p.name.endswith("-labels.npy")}
+    assert {p.name.replace("-labels.npy", ".npy") for p in files} <= images, sorted(p.name for p in files)
+    return sorted(p for p in files if p.name in images)
 
 
 # ---------------------------------------------------------------------------------------------------
