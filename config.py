@@ -77,7 +77,7 @@ class TrainingConfig:
     num_epochs: int = 100  # passes over the data
     max_train_steps: Optional[int] = None  # stop after this many optimizer steps (overrides num_epochs)
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
-    learning_rate: float | Auto = "auto"  # peak AdamW LR; auto: 1e-4 x (113.7M / parameters) ** 0.6, 1e-4 for the README's UNet; a tenth of that for a fine-tune (pretrained_model_path)
+    learning_rate: float | Auto = "auto"  # peak AdamW LR; auto: 1e-4 x (113.7M / parameters) ** 0.6, 1e-4 for the README's UNet; the same for a fine-tune (pretrained_model_path: a tenth was worse, bench/RESULTS.md)
     lr_scheduler: LRSchedule = "cosine"  # LR shape
     lr_warmup_steps: int | Auto = "auto"  # linear warm-up, in optimizer steps; auto: 5% of the run, at most 500
     adam_beta1: float = 0.95  # AdamW beta1
@@ -641,7 +641,7 @@ def refuse_changes_on_resume(saved: dict[str, object], wanted: dict[str, object]
 README_UNET_PARAMETERS = 113_673_219  # the README's default UNet (ModelConfig's defaults), whose learning rate is 1e-4
 
 
-FINE_TUNE_LR_FACTOR = 0.1  # a fine-tune's auto LR over a from-scratch run's, for the same UNet
+FINE_TUNE_LR_FACTOR = 1.0  # a fine-tune's auto LR over a from-scratch run's, for the same UNet (measured: see below)
 
 
 def auto_learning_rate(num_parameters: int, fine_tune: bool = False) -> float:
@@ -649,10 +649,11 @@ def auto_learning_rate(num_parameters: int, fine_tune: bool = False) -> float:
     35.7M CIFAR-10 UNet, and on the glyph benchmark's 1.0M UNet 1.7e-3, which beat the square root's 1.1e-3 at
     1,000 steps (bench/RESULTS.md); two significant digits, at most 4e-3 (on a 0.25M UNet 4e-3 beat 2e-3 and 1e-3).
 
-    A fine-tune (--pretrained_model_path) gets a tenth of that: its weights already sit where a from-scratch run's
-    large first steps would only knock them away. A tenth is the usual ratio of fine-tune to pre-training LRs
-    (Stable Diffusion v1 trained at 1e-4, diffusers' text-to-image fine-tuning example uses 1e-5; Llama 2: 3e-4 and
-    2e-5), and bench/fine_tune.py measures it on the glyphs (lowercase letters, then uppercase; bench/RESULTS.md)."""
+    A fine-tune (--pretrained_model_path) gets the same: the usual tenth of the pre-training LR (Stable Diffusion v1
+    1e-4, diffusers' fine-tuning example 1e-5) lost to it in bench/fine_tune.py (1,000 steps on the lowercase
+    letters, then 300 on the uppercase ones: 1.7e-3 scored 548, 5e-4 608, the tenth 1.7e-4 725, 5e-5 829;
+    bench/RESULTS.md). A short fine-tune onto new images needs the large steps; FINE_TUNE_LR_FACTOR is where a
+    measured rule for gentler fine-tunes would go."""
     lr = 1e-4 * (README_UNET_PARAMETERS / num_parameters) ** 0.6
     return float(f"{min(lr, 4e-3) * (FINE_TUNE_LR_FACTOR if fine_tune else 1):.2g}")
 

@@ -114,8 +114,8 @@ def test_fine_tune(tmp_path, capsys):
                            str(tmp_path / "out"), "--sampler_args", "--scheduler ddim --num_inference_steps 2"]) == 0
     printed = capsys.readouterr().out
     assert "judge: CNN on the 2 uppercase classes of 12 images" in printed
-    # auto for a fine-tune of the 1.0M UNet is a tenth of the from-scratch rule's 1.7e-3
-    assert re.search(r"fine-tune LR auto +\(LR 1\.7e-04\) +distance +\d", printed), printed
+    # auto for a fine-tune of the 1.0M UNet is the from-scratch rule's 1.7e-3 (bench/RESULTS.md: a tenth was worse)
+    assert re.search(r"fine-tune LR auto +\(LR 1\.7e-03\) +distance +\d", printed), printed
     assert "best: " in printed and (tmp_path / "out" / "compare-pre2-steps2-seed0.png").exists()
 
 

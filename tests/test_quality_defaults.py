@@ -105,8 +105,8 @@ SMALL_UNET = ["--image_size", "16", "--block_out_channels", "32", "64", "--down_
     (SMALL_UNET, 3000, 1.7e-3, 150),  # the quality benchmark's 1.0M-parameter UNet
     (SMALL_UNET, 1000, 1.7e-3, 50),
     (SMALL_UNET + ["--learning_rate", "3e-4", "--lr_warmup_steps", "7"], 3000, 3e-4, 7),  # a value always wins
-    (SMALL_UNET + ["--pretrained_model_path", "a/final_model"], 1000, 1.7e-4, 50),  # a fine-tune: a tenth
-    (["--pretrained_model_path", "a/final_model"], 20000, 1e-5, 500),  # (the model's shape is the pretrained one's)
+    (SMALL_UNET + ["--pretrained_model_path", "a/final_model"], 1000, 1.7e-3, 50),  # a fine-tune: the same (measured)
+    (["--pretrained_model_path", "a/final_model"], 20000, 1e-4, 500),  # (the model's shape is the pretrained one's)
 ])
 def test_auto_learning_rate_and_warmup(flags, steps, learning_rate, warmup):
     cfg, _ = train_ddpm.parse_config(["--max_train_steps", str(steps), *flags])
