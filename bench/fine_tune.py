@@ -77,14 +77,9 @@ def split(data: str, out: Path) -> dict[str, Path]:
 
 
 def train_command(args, data: Path, steps: int, seed: int, run: Path, *extra: str) -> list[str]:
-    """train_ddpm.py as quality.py's own side runs it: data, size, model, batch, steps and seed, plus `extra`."""
-    m = quality.MODEL
-    return [sys.executable, str(ROOT / "train_ddpm.py"), "--dataset_name", "custom", "--dataset_path", str(data),
-            "--image_size", str(args.image_size), "--block_out_channels", *map(str, m["block_out_channels"]),
-            "--down_block_types", *m["down_block_types"], "--up_block_types", *m["up_block_types"],
-            "--train_batch_size", str(args.batch_size), "--max_train_steps", str(steps), "--seed", str(seed),
-            "--output_dir", str(run / "run"), "--data_dir", str(Path(args.out) / "cache"), "--overwrite_output_dir",
-            *extra]
+    """quality.py's own train_ddpm.py command (data, size, model, batch, steps and seed), plus `extra`."""
+    return [*quality.train_command(str(data), args.image_size, args.batch_size, steps, seed, run / "run",
+                                   Path(args.out) / "cache"), *extra]
 
 
 def sample_command(args, run: Path) -> list[str]:
