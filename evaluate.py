@@ -109,8 +109,8 @@ def run(cfg: EvaluateConfig) -> dict:
     from files import write_json, writable_folder
     from metrics import FEATURE_LAYER, describe, generated_features, inception_features, load_inception, score
     from model import load_model
-    from sampling import (class_indices, classes_by_seed, default_steps, make_sampler, prepare_unet, process_state,
-                          sampling_dtype, save_png)
+    from sampling import (check_guidance, class_indices, classes_by_seed, default_steps, make_sampler, prepare_unet,
+                          process_state, sampling_dtype, save_png)
 
     started, began = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     state = process_state()
@@ -126,6 +126,7 @@ def run(cfg: EvaluateConfig) -> dict:
         if steps > trained:
             raise UserError(f"--num_inference_steps {steps} exceeds the model's {trained} training timesteps; "
                             f"lower it")
+        check_guidance(cfg.guidance_scale, saved.classes)
         if cfg.class_label is not None:
             class_name = saved.classes[class_indices([cfg.class_label], saved.classes)[0]]
     with state.main_process_first():  # the weights download once

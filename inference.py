@@ -117,8 +117,8 @@ def run(cfg: InferenceConfig) -> None:
     from editing import read_inputs
     from files import writable_folder
     from model import load_model
-    from sampling import (class_indices, for_model, gather_by_seed, generate, make_sampler, prepare_unet,
-                          process_state, sampling_dtype, save_images_by_seed, shard, write_manifest)
+    from sampling import (check_guidance, class_indices, for_model, gather_by_seed, generate, make_sampler,
+                          prepare_unet, process_state, sampling_dtype, save_images_by_seed, shard, write_manifest)
 
     state = process_state()
     main = state.is_main_process
@@ -130,6 +130,7 @@ def run(cfg: InferenceConfig) -> None:
     name, steps = sampler_and_steps(cfg, trained)
     if steps > trained:
         raise UserError(f"--num_inference_steps {steps} exceeds the model's {trained} training timesteps; lower it")
+    check_guidance(cfg.guidance_scale, saved.classes)
     if cfg.class_label:  # a wrong name is reported before anything is written
         class_indices(cfg.class_label, saved.classes)
         if (cfg.inpaint or cfg.init_image) and len(cfg.class_label) > 1:

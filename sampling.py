@@ -299,6 +299,15 @@ def classes_by_seed(seeds: list[int], counts: Optional[list[int]], num_classes: 
     return np.minimum(np.searchsorted(cumulative, draws, side="right"), num_classes - 1).tolist()
 
 
+def check_guidance(guidance_scale: float, classes: Optional[list[str]]) -> None:
+    """A guidance scale other than the default, asked of a model without classes, is a mistake: say so (nothing would
+    be guided, and the images would silently be the unguided ones)."""
+    if classes is None and guidance_scale != DEFAULT_GUIDANCE_SCALE:
+        raise UserError(f"--guidance_scale {guidance_scale:g} needs a class-conditional model; this one was trained "
+                        f"without classes (leave --guidance_scale out, or train one with train_ddpm.py "
+                        f"--class_conditional)")
+
+
 def class_indices(wanted: list[str], classes: Optional[list[str]], flag: str = "--class_label") -> list[int]:
     """The labels of classes named by name or number; a UserError naming the model's classes for any other."""
     if classes is None:

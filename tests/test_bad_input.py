@@ -342,6 +342,7 @@ def test_awkward_folder_trains_and_unreadable_files_are_skipped_with_a_warning(t
     (["--model_path", "{model}", "--num_inference_steps", "1001"], ["--num_inference_steps 1001", "1000 training"]),
     (["--model_path", "{model}", "--batch_size", "0"], ["--batch_size must be at least 1"]),
     (["--model_path", "{model}", "--eta", "2"], ["--eta must be between 0 and 1"]),
+    (["--model_path", "{model}", "--guidance_scale", "3"], ["--guidance_scale 3 needs a class-conditional model"]),
     (["--model_path", "{model}", "--fps", "0"], ["--fps must be positive"]),
     (["--model_path", "{model}", "--scheduler", "plms"], ["--scheduler", "invalid choice", "dpmsolver++"]),
     (["--model_path", "{model}", "--nm_images", "3"], ["did you mean --num_images?"]),

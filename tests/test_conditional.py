@@ -20,8 +20,8 @@ import train_ddpm
 from config import Config, DataConfig, InferenceConfig, ModelConfig, UserError, validate_inference
 from conftest import TINY_RUN, assert_user_error, call, make_bars_folder
 from model import build_unet, fit_class_embedding
-from sampling import (SAMPLER_CLASSES, Guidance, blended_classes, class_indices, classes_by_seed, for_model, generate,
-                      initial_noise, make_sampler, predict_noise, sample_images, seeded_generators)
+from sampling import (SAMPLER_CLASSES, Guidance, blended_classes, check_guidance, class_indices, classes_by_seed,
+                      for_model, generate, initial_noise, make_sampler, predict_noise, sample_images, seeded_generators)
 
 
 COLOURS = ("red", "green", "blue")
@@ -227,6 +227,12 @@ def test_classes_by_seed_and_by_name():
         class_indices(["cat"], None)
     with pytest.raises(UserError, match="pass one or two --class_label, not 3"):
         validate_inference(InferenceConfig(model_path="m", interpolate=True, class_label=("a", "b", "c")))
+    # A guidance scale asked of a model without classes would change nothing: an error, unless it is the default.
+    with pytest.raises(UserError, match=r"--guidance_scale 3 needs a class-conditional model; this one was trained "
+                                        r"without classes \(leave --guidance_scale out"):
+        check_guidance(3.0, None)
+    check_guidance(InferenceConfig(model_path="m").guidance_scale, None)
+    check_guidance(3.0, ["cat", "dog"])
 
 
 def test_conditional_run_resumes_and_draws_the_class_asked_for(tmp_path, capsys):
