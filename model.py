@@ -211,6 +211,8 @@ def _load_old_checkpoint(folder: Path, dtype) -> SavedModel:
     m = config_module.ModelConfig(**{name: saved.get(name, getattr(ModelConfig(), name)) for name in ARCHITECTURE})
     s = config_module.SchedulerConfig(**{f.name: saved.get(f.name, getattr(SchedulerConfig(), f.name))
                                          for f in dataclasses.fields(SchedulerConfig)})
-    unet = build_unet(m, saved.get("image_size", 64), record.get("_provenance", {}).get("channels", 3))
-    unet.load_state_dict(strip_wrapper_prefixes(load_file(folder / "model.safetensors")))
+    weights = strip_wrapper_prefixes(load_file(folder / "model.safetensors"))
+    classes = len(weights["class_embedding.weight"]) - 1 if "class_embedding.weight" in weights else 0
+    unet = build_unet(m, saved.get("image_size", 64), record.get("_provenance", {}).get("channels", 3), classes)
+    unet.load_state_dict(weights)
     return SavedModel(unet.to(dtype or torch.float32).eval(), build_noise_scheduler(s).config, record or None)

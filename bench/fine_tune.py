@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--image_size", type=int, default=16)
     p.add_argument("--num_samples", type=int, default=900)
+    p.add_argument("--train_args", default="",
+                   help="extra train_ddpm.py flags for every run (pretraining and fine-tunes), e.g. a candidate")
     p.add_argument("--sampler_args", default="",
                    help="inference.py flags (about 50 network evaluations a sample, as bench/quality.py)")
     p.add_argument("--jobs", type=int, default=2, help="runs at the same time (each on --threads threads)")
@@ -79,7 +81,7 @@ def split(data: str, out: Path) -> dict[str, Path]:
 def train_command(args, data: Path, steps: int, seed: int, run: Path, *extra: str) -> list[str]:
     """quality.py's own train_ddpm.py command (data, size, model, batch, steps and seed), plus `extra`."""
     return [*quality.train_command(str(data), args.image_size, args.batch_size, steps, seed, run / "run",
-                                   Path(args.out) / "cache"), *extra]
+                                   Path(args.out) / "cache"), *shlex.split(args.train_args), *extra]
 
 
 def sample_command(args, run: Path) -> list[str]:

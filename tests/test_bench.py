@@ -27,6 +27,9 @@ import step_parts  # noqa: E402
 import train_throughput  # noqa: E402
 
 SCRIPTS = {"train_throughput": train_throughput, "sample_throughput": sample_throughput}
+# The training previews of the benchmarks' 1.0M UNet (16 images, 49 network evaluations each) would take longer than
+# the rest of a smoke run.
+LIGHT_PREVIEWS = "--num_preview_images 1 --sample_num_inference_steps 2"
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,8 @@ def test_memory(capsys, tmp_path):
 def test_quality_and_samplers(letters, tmp_path, capsys):
     out = tmp_path / "quality"
     assert quality.main(["--data", str(letters), "--steps", "2", "--num_samples", "6", "--batch_size", "4",
-                         "--sides", "plain", "edm", "ours", "--jobs", "3", "--out", str(out),
+                         "--sides", "plain", "edm", "ours", "--jobs", "3", "--out", str(out), "--ours_args",
+                         LIGHT_PREVIEWS,
                          "--sampler_args", "--scheduler ddim --num_inference_steps 2"]) == 0
     printed = capsys.readouterr().out
     for side in ("plain", "edm", "ours"):
@@ -81,7 +85,8 @@ def test_quality_and_samplers(letters, tmp_path, capsys):
     assert (out / "compare-defaults-steps2-seed0.png").exists()
     # The conditional protocol, against the unconditional run above (--reuse: 2 images x 3 classes = its 6 samples).
     assert quality.main(["--data", str(letters), "--steps", "2", "--conditional", "--per_class", "2",
-                         "--guidance_scales", "2", "--reuse", "--batch_size", "4", "--out", str(out),
+                         "--guidance_scales", "2", "--reuse", "--batch_size", "4", "--out", str(out), "--ours_args",
+                         LIGHT_PREVIEWS,
                          "--sampler_args", "--scheduler ddim --num_inference_steps 2"]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"^  unconditional +distance +\d+\.\d +per class", printed, re.M), printed
@@ -110,7 +115,7 @@ def test_fine_tune(tmp_path, capsys):
             image[2:14, column:column + 3] = 255 if name.startswith("upper") else 128
             Image.fromarray(image).save(data / name / f"{i}.png")
     assert fine_tune.main(["--data", str(data), "--pretrain_steps", "2", "--fine_tune_steps", "2", "--fixed_lrs",
-                           "--num_samples", "6", "--batch_size", "4", "--out",
+                           "--num_samples", "6", "--batch_size", "4", "--train_args", LIGHT_PREVIEWS, "--out",
                            str(tmp_path / "out"), "--sampler_args", "--scheduler ddim --num_inference_steps 2"]) == 0
     printed = capsys.readouterr().out
     assert "judge: CNN on the 2 uppercase classes of 12 images" in printed

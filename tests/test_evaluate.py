@@ -19,7 +19,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 import evaluate
 import inference
 import metrics
-from conftest import ROOT, cli_env, make_image_folder, run_cli, save_tiny_pipeline
+from conftest import ROOT, call, cli_env, make_image_folder, run_cli, save_tiny_pipeline
 from model import load_model
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
@@ -137,17 +137,20 @@ def test_two_processes_give_inference_the_same_files_as_one(scored, tmp_path):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
-def test_eval_epochs_logs_fid_and_kid_and_keeps_the_best_model(scored, inception_weights, tmp_path):
+def test_eval_epochs_logs_fid_and_kid_and_keeps_the_best_model(scored, inception_weights, tmp_path, capsys):
     from diffusers import DDPMPipeline
+
+    import train_ddpm
 
     root, _, _, _ = scored
     out = tmp_path / "run"
     # The reference folder in batches of 4: 2 optimizer steps an epoch. Its statistics are cached by `scored`.
-    proc = run_cli("train_ddpm.py", *TINY_8PX, "--train_batch_size", 4, "--sample_num_inference_steps", 2,
-                   "--num_preview_images", 4, "--dataloader_num_workers", 0, "--seed", 7, "--dataset_name", "custom",
-                   "--dataset_path", root / "reference", "--data_dir", root / "data", "--output_dir", out,
-                   "--num_epochs", 2, "--eval_epochs", 1, "--eval_num_images", 4, "--inception_weights",
-                   inception_weights)
+    proc = call(train_ddpm.main, [*TINY_8PX, "--train_batch_size", 4, "--sample_num_inference_steps", 2,
+                                  "--num_preview_images", 4, "--dataloader_num_workers", 0, "--seed", 7,
+                                  "--dataset_name", "custom", "--dataset_path", root / "reference", "--data_dir",
+                                  root / "data", "--output_dir", out, "--num_epochs", 2, "--eval_epochs", 1,
+                                  "--eval_num_images", 4, "--inception_weights", inception_weights], capsys)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = {p.parent for p in (out / "logs").rglob("events.out.tfevents.*")
               if "eval/fid" in EventAccumulator(str(p)).Reload().Tags()["scalars"]}
     events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_ddpm
-from conftest import ROOT, TINY_RUN, call, cli_env, run_cli
+from conftest import ROOT, TINY_RUN, call, cli_env
 from dataset import ImageCache, make_dataloader
 from model import load_model
 
@@ -39,13 +39,19 @@ def loss_steps(event_file: Path) -> list[int]:
 TORCHRUN = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port, not 29500
 
 
-def test_two_processes_train_write_once_and_resume_in_one(image_folder, tmp_path):
-    out = tmp_path / "run"
+def test_two_processes_train_write_once_and_resume_in_one(image_folder, tmp_path, capsys):
+    """Class-conditional, so that the labels are sharded with their images and the class names saved once."""
+    out, labelled = tmp_path / "run", tmp_path / "labelled"
+    for i, image in enumerate(sorted(p for p in image_folder.rglob("*") if p.is_file())):  # 12 images, 2 classes
+        (labelled / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, labelled / "ab"[i % 2] / image.name)
     # 12 images, 2 per process: a global batch of 4, so 3 optimizer steps an epoch.
-    args = [*TINY_RUN, "--train_batch_size", 2, "--dataset_name", "custom", "--dataset_path", image_folder,
-            "--data_dir", tmp_path / "data", "--output_dir", out, "--save_image_epochs", 1, "--save_model_epochs", 1]
+    args = [*TINY_RUN, "--train_batch_size", 2, "--dataset_name", "custom", "--dataset_path", labelled,
+            "--data_dir", tmp_path / "data", "--output_dir", out, "--save_image_epochs", 1, "--save_model_epochs", 1,
+            "--class_conditional"]
     first = launch(TORCHRUN, *args, "--max_train_steps", 4)
     assert first.stdout.count("training on 12 images, 2 process(es)") == 1
+    assert first.stdout.count("2 classes from the sub-folders of") == 1
     assert first.stdout.count("done: 4 steps") == 1
     assert first.stdout.count("data: ") == 1, "the data is read and reported by the machine's main process"
     record = json.loads((out / "config.json").read_text())
@@ -65,6 +71,7 @@ def test_two_processes_train_write_once_and_resume_in_one(image_folder, tmp_path
     assert not torch.equal(ema_unet["conv_in.weight"], weights["conv_in.weight"])  # EMA, not training
     assert torch.equal(ema_unet["conv_in.weight"], pipeline_weights["conv_in.weight"])
     assert saved.schedule["num_train_timesteps"] == 1000 and saved.record["_provenance"]["num_processes"] == 2
+    assert saved.classes == ["a", "b"] and saved.unet.config.num_class_embeds == 3
     assert pipeline_weights.keys() == weights.keys()
     # A checkpoint written before checkpoints held a pipeline: training weights stored with DDP's prefix.
     old = tmp_path / "old-checkpoint"
@@ -84,14 +91,16 @@ def test_two_processes_train_write_once_and_resume_in_one(image_folder, tmp_path
         progress = json.loads(progress_file.read_text())
         progress_file.write_text(json.dumps({k: v for k, v in progress.items()
                                              if k not in ("skipped_steps", "lr_segment", "sequence")}))
-    resumed = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "latest",
-                      "--max_train_steps", 6)
+    resumed = call(train_ddpm.main, ["--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps",
+                                     6], capsys)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
     assert "processes 2 -> 1" in resumed.stdout and "start of epoch 3" in resumed.stdout
     assert "curve had reached 0 at step 4" in resumed.stdout  # the old run's LR curve, ended at its 4 steps
     assert resumed.stdout.count("done: 6 steps") == 1
     assert json.loads((out / "checkpoint-step-6" / "progress.json").read_text())["epoch"] == 2
-    assert (out / "final_model" / "model_index.json").exists()
+    assert (out / "final_model" / "model_index.json").exists() and load_model(str(out / "final_model")).classes == [
+        "a", "b"]
     event_files = list((out / "logs").rglob("events.out.tfevents.*"))
     steps = sorted(step for f in event_files for step in loss_steps(f))
     assert steps == [1, 2, 3, 4, 5, 6]  # written by one process only, and resumed from where the run ended

@@ -16,7 +16,7 @@ import dataset
 import inference
 import train_ddpm
 from model import build_noise_scheduler, count_parameters
-from conftest import TINY_RUN, load_cached, make_image_folder, run_cli
+from conftest import TINY_RUN, call, load_cached, make_image_folder
 from config import Config
 
 
@@ -74,14 +74,15 @@ def test_random_flip_default_follows_the_dataset(tmp_path, name, flags, flip):
     assert config.resolve(cfg, count_parameters).cfg.data.random_flip is flip
 
 
-def test_greyscale_folder_end_to_end(tmp_path):
+def test_greyscale_folder_end_to_end(tmp_path, capsys):
     """A class-sorted greyscale folder: a 1-channel model, greyscale PNGs from inference, and a preview of the
     data that shows both classes (a random sample, not the first files)."""
     folder = greyscale_folder(tmp_path / "grey")
     out = tmp_path / "results"
-    proc = run_cli("train_ddpm.py", *TINY_RUN, "--dataset_name", "custom", "--dataset_path", folder,
-                   "--data_dir", tmp_path / "data", "--output_dir", out, "--max_train_steps", 2,
-                   "--num_preview_images", 8)
+    proc = call(train_ddpm.main, [*TINY_RUN, "--dataset_name", "custom", "--dataset_path", folder, "--data_dir",
+                                  tmp_path / "data", "--output_dir", out, "--max_train_steps", 2,
+                                  "--num_preview_images", 8], capsys)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 channel" in proc.stdout and "random flips off" in proc.stdout
     record = json.loads((out / "config.json").read_text())
     assert record["_provenance"]["channels"] == 1 and record["data"]["random_flip"] is False

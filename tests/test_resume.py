@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import config
 from checkpoint import find_checkpoint
 from model import count_parameters
-from conftest import ROOT, TINY_MODEL, TINY_RUN, assert_user_error, call, cli_env, run_cli
+from conftest import ROOT, TINY_MODEL, TINY_RUN, assert_user_error, call, cli_env
 
 # 12 images in batches of 4: 3 optimizer steps an epoch, so step 4 is in the middle of epoch 2.
 # A warm-up schedule makes the LR change across the resume point without depending on the run's length.
@@ -127,7 +127,7 @@ def progress_of(checkpoint: Path) -> dict:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_checkpoints_and_a_fine_tune_resumes_to_the_end(image_folder, tmp_path, trained_run,
-                                                                          signum):
+                                                                          signum, capsys):
     out, (base, _) = tmp_path / "run", trained_run
     if signum == signal.SIGTERM:  # a fine-tune with a frozen encoder, stopped and resumed
         proc = start_training(image_folder, out, "--pretrained_model_path", base / "final_model",
@@ -146,8 +146,8 @@ def test_sigterm_or_ctrl_c_checkpoints_and_a_fine_tune_resumes_to_the_end(image_
     if signum == signal.SIGINT:
         assert stopped_at % 3 == 0 and stopped_at > 4
         return
-    resumed = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "latest",
-                      "--max_train_steps", stopped_at + 2)
+    resumed = train(capsys, "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps",
+                    stopped_at + 2)
     assert f"done: {stopped_at + 2} steps" in resumed.stdout
     pretrained = load_file(base / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
     stopped, end = load_checkpoint_state(latest), load_checkpoint_state(out / f"checkpoint-step-{stopped_at + 2}")
@@ -159,7 +159,7 @@ def test_sigterm_or_ctrl_c_checkpoints_and_a_fine_tune_resumes_to_the_end(image_
     assert json.loads((out / "config.json").read_text())["training"]["freeze_down_blocks"] is True
 
 
-def test_sigkill_resumes_from_the_last_complete_checkpoint(image_folder, tmp_path):
+def test_sigkill_resumes_from_the_last_complete_checkpoint(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
     proc = start_training(image_folder, out, "--checkpointing_steps", 2)
     wait_for(lambda: (out / "checkpoint-step-6" / "progress.json").exists(), proc)
@@ -169,17 +169,19 @@ def test_sigkill_resumes_from_the_last_complete_checkpoint(image_folder, tmp_pat
     (out / "checkpoint-step-99999.partial").mkdir()
     (out / "checkpoint-step-99998").mkdir()  # no progress.json: incomplete
     complete = max(progress_of(p)["global_step"] for p in out.glob("checkpoint-step-*") if (p / "progress.json").exists())
-    resumed = run_cli("train_ddpm.py", "--output_dir", out, "--resume_from_checkpoint", "latest",
-                      "--max_train_steps", complete + 3)
+    resumed = train(capsys, "--output_dir", out, "--resume_from_checkpoint", "latest", "--max_train_steps",
+                    complete + 3)
     assert f"at step {complete}" in resumed.stdout
     assert f"done: {complete + 3} steps" in resumed.stdout
 
 
-def test_nonfinite_steps_are_skipped_then_the_run_stops_with_advice(image_folder, tmp_path):
+def test_nonfinite_steps_are_skipped_then_the_run_stops_with_advice(image_folder, tmp_path, capsys):
+    import train_ddpm
+
     out = tmp_path / "run"  # also a run with a drawn seed, recorded in config.json and its checkpoint
-    proc = run_cli("train_ddpm.py", *train_args(image_folder, out, "--learning_rate", "1e30", "--lr_scheduler",
-                                                "constant", "--max_nonfinite_steps", 3, "--max_train_steps", 50,
-                                                "--seed", "none"), check=False)
+    proc = call(train_ddpm.main, train_args(image_folder, out, "--learning_rate", "1e30", "--lr_scheduler",
+                                            "constant", "--max_nonfinite_steps", 3, "--max_train_steps", 50,
+                                            "--seed", "none"), capsys)
     assert proc.returncode == 3, proc.stderr
     assert "NaN/inf" in proc.stderr and "--learning_rate" in proc.stderr and "Traceback" not in proc.stderr
     (checkpoint,) = out.glob("checkpoint-step-*")
@@ -234,9 +236,9 @@ def test_rotation_keeps_the_newest_saves_and_drops_an_abandoned_branch_first(tmp
 def test_fine_tuning_from_final_model_with_frozen_encoder(image_folder, tmp_path, trained_run, capsys):
     base, _ = trained_run
     tuned = tmp_path / "tuned"
-    run_cli("train_ddpm.py", *train_args(image_folder, tuned, "--max_train_steps", 3, "--pretrained_model_path",
-                                         base / "final_model", "--freeze_down_blocks", "--no_use_ema",
-                                         "--learning_rate", "1e-2", "--lr_scheduler", "constant"))
+    train(capsys, *train_args(image_folder, tuned, "--max_train_steps", 3, "--pretrained_model_path",
+                              base / "final_model", "--freeze_down_blocks", "--no_use_ema", "--learning_rate", "1e-2",
+                              "--lr_scheduler", "constant"))
     before = load_file(base / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
     after = load_file(tuned / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
     frozen = [k for k in before if k.startswith(("down_blocks.", "conv_in."))]

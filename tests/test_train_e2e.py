@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import inference
 import train_ddpm
-from conftest import EPOCHS, STEPS_PER_EPOCH, TINY_RUN, run_cli
+from conftest import EPOCHS, STEPS_PER_EPOCH, TINY_RUN, call, run_cli
 
 
 def test_training_writes_every_output_the_readme_lists(trained_run):
@@ -69,12 +69,14 @@ def test_inference_generates_images_addressed_by_seed(trained_run, tmp_path):
     assert Image.open(dest / "grid.png").size == (2 + 3 * 258, 2 + 2 * 258)  # 3 per row, 2 rows, shown at 16x
 
 
-def test_interpolation_is_smooth_on_a_briefly_trained_model(image_folder, tmp_path):
-    out = tmp_path / "run"
-    run_cli("train_ddpm.py", *TINY_RUN, "--dataset_name", "custom", "--dataset_path", image_folder, "--data_dir",
-            tmp_path / "data", "--output_dir", out, "--max_train_steps", 60, "--learning_rate", "2e-3",
-            "--lr_scheduler", "constant", "--logging_steps", 20, "--save_image_epochs", 100)
-    dest = tmp_path / "interp"  # in-process: a new process would add only its imports
+def test_interpolation_is_smooth_on_a_briefly_trained_model(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"  # in-process: a new process would add only its imports
+    trained = call(train_ddpm.main, [*TINY_RUN, "--dataset_name", "custom", "--dataset_path", image_folder,
+                                     "--data_dir", tmp_path / "data", "--output_dir", out, "--max_train_steps", 60,
+                                     "--learning_rate", "2e-3", "--lr_scheduler", "constant", "--logging_steps", 20,
+                                     "--save_image_epochs", 100], capsys)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    dest = tmp_path / "interp"
     assert inference.main([str(a) for a in ("--model_path", out / "final_model", "--interpolate", "--interp_steps",
                                             6, "--num_inference_steps", 10, "--output_dir", dest)]) == 0
     pixels = [np.asarray(Image.open(f), dtype=np.float64) for f in sorted(dest.glob("frame_*.png"))]
