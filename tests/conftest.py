@@ -22,6 +22,13 @@ sys.path.insert(0, str(ROOT))
 # spin against each other (an interpolation ran 20x slower), and in-process runs compute as the CLI ones do.
 torch.set_num_threads(1)
 
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """-n auto (pytest.ini): one worker more than the cores. Many tests spend seconds waiting, on a subprocess's
+    imports, a torchrun rendezvous or the shared tiny run another worker is making, and the extra worker computes
+    meanwhile (2 cores: 284 s for the suite with 3 workers)."""
+    return (os.cpu_count() or 1) + 1
+
 # Shared with the benchmarks, so kept in bench/ (torch-fidelity installs a top-level `tests` package that shadows ours).
 from bench.common import TINY_MODEL, make_image_folder, make_random_inception_weights  # noqa: E402,F401
 
