@@ -11,6 +11,8 @@ benchmark model is quality.py's (the 1.0M UNet, batch 64, 3,000 steps) trained o
 each class are inpainted (4: 208 letters; 0: all 577).
 Every method gets the same input: the letter with the hole filled with the training letters' mean image.
   mean:    that input as it is.
+  nearest: the hole filled from the training letter whose kept pixels are nearest (L2): no model, only the data; its
+           score shows how much the kept pixels say of the letter (a left half shared by several letters caps it).
   sdedit:  inference.py --init_image at each --sdedit_strengths (DDIM 50 steps: about 50 x strength evaluations).
   repaint: inference.py --inpaint with the mask (defaults: 250 steps, jumps of 10 drawn 10 times, about 2,400
            evaluations a letter), once per --repaint_args variant (extra inference.py flags, such as "--eta 1").
@@ -113,6 +115,13 @@ def seam(images: np.ndarray, painted: np.ndarray) -> float:
     return float(np.concatenate([across, down], axis=1).mean())
 
 
+def nearest_fill(letters: np.ndarray, painted: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """Each letter's hole filled with the pixels of the pool letter whose kept pixels are nearest (L2)."""
+    a, b = letters[:, ~painted].astype(np.float64), pool[:, ~painted].astype(np.float64)
+    distance = (a ** 2).sum(1)[:, None] - 2 * a @ b.T + (b ** 2).sum(1)[None]
+    return np.where(painted, pool[distance.argmin(1)], letters)
+
+
 def run_inference(argv: list) -> Path:
     """inference.py in this process; returns its output folder."""
     import inference
@@ -187,8 +196,8 @@ def main(argv=None) -> int:
         Image.fromarray(painted.astype(np.uint8) * 255).save(work / "mask.png")
         common = ["--model_path", args.model_path, "--num_images", 1, "--seed", args.seed, "--batch_size",
                   args.batch_size]
-        methods = {"mean": filled}
-        seconds = {"mean": 0.0}
+        methods = {"mean": filled, "nearest": nearest_fill(real, painted, images[training])}
+        seconds = {"mean": 0.0, "nearest": 0.0}
         for strength in args.sdedit_strengths:
             name = f"sdedit {strength:g}"
             started = time.time()

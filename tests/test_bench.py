@@ -145,10 +145,15 @@ def test_inpaint(letters, tmp_path, capsys):
         assert (out / f"defaults-{mask}" / "repaint_num_inference_steps_4_jump_length_2_jump_n_sample_2" /
                 "inpaint_grid.png").exists()
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["method"] for r in rows[:3]] == ["mean", "sdedit 0.5",
+    assert [r["method"] for r in rows[:4]] == ["mean", "nearest", "sdedit 0.5",
                                                "repaint --num_inference_steps 4 --jump_length 2 --jump_n_sample 2"]
-    assert len(rows) == 6 and all(0 <= r["letter"] <= 1 and r["seam"] >= 0 for r in rows)
+    assert len(rows) == 8 and all(0 <= r["letter"] <= 1 and r["seam"] >= 0 for r in rows)
     # The seam: |kept - painted| over the pixel pairs the border cuts (right half: the 16 pairs of columns 7 and 8).
+    # The nearest fill: the hole from the pool letter that agrees best outside it, the kept pixels untouched.
+    letters, pool = np.zeros((1, 16, 16), np.uint8), np.zeros((2, 16, 16), np.uint8)
+    pool[0, :, :8], pool[0, :, 8:], pool[1, :, 8:], letters[0, :, 8:] = 90, 200, 50, 7
+    painted = inpaint.painted_region("right_half")
+    assert (inpaint.nearest_fill(letters, painted, pool) == np.where(painted, pool[1], letters)).all()
     step = np.zeros((1, 16, 16))
     step[:, :, 8:] = 40
     assert inpaint.seam(step, inpaint.painted_region("right_half")) == 40
