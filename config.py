@@ -41,7 +41,9 @@ UpBlock = Literal["UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D", "SkipUp
 # w 0 is the unconditional model and w 1 the conditional one without guidance (their w is this w - 1). Their FID was
 # best at a small push (their w 0.1-0.3 at 64 and 128 px, 1.1-1.3 here) and precision and the class's look grew with
 # w while diversity fell; 1.5 asks a little more of the class than the best-FID point, what a user who names a class
-# wants, and stays well below the saturated, uniform images of large w. bench/quality.py --conditional sweeps it.
+# wants, and stays well below the saturated, uniform images of large w. Measured on the glyph letters (bench/RESULTS.md,
+# 3,000 steps, 52 classes): w 1 reads as the letter asked 0.940 of the time, 1.5 0.988, 2 0.994; the distance per class
+# is lowest at 1.5 (546, against 607 at 1 and 704 at 2), the distance over all letters lowest at 1 (68; 115 at 1.5).
 DEFAULT_GUIDANCE_SCALE = 1.5
 
 # The README's UNet: six levels, attention in the fifth down block and the matching up block.

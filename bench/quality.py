@@ -33,7 +33,8 @@ OUT/results.jsonl.
 
 --conditional: the class-conditional protocol, on the same data, UNet, batch and steps. Ours is trained twice with
 the real CLIs: as above (unconditional), and with --class_conditional, which then draws --per_class images of every
-class (inference.py --class_label, each letter by name) at each of --guidance_scales. Scores: the judge's accuracy on
+class (inference.py --class_label, each letter by name) at each of --guidance_scales (at w 0, which ignores the class,
+as many images from seeds of their own, their classes drawn by seed). Scores: the judge's accuracy on
 the requested class; the distance over all classes (as above, the same number of images for both models); and the
 distance per class, averaged over the classes (the unconditional model's images are given the class the judge sees in
 them). Writes OUT/conditional-*-w{W}.png: a row per class, --per_class images each (at most 10).
@@ -445,10 +446,13 @@ def conditional_script(args, seed: int, run_dir: Path) -> str:
     train = [*train_command(args.data, args.image_size, args.batch_size, args.steps, seed, run_dir / "run",
                             Path(args.out) / "data"), "--class_conditional", *shlex.split(args.ours_args)]
     classes = labelled_files(args.data)[2]
+    # w 0 ignores the class: asked with the same seeds for every class it would draw the same images 52 times, so it
+    # draws as many images from seeds of their own (their classes drawn by seed, as inference.py does without a class).
+    asked = {w: ["--class_label", *classes, "--num_images", str(args.per_class)] if w != 0 else
+             ["--num_images", str(args.per_class * len(classes))] for w in args.guidance_scales}
     sample = [[sys.executable, str(ROOT / "inference.py"), "--model_path", str(run_dir / "run" / "final_model"),
-               "--class_label", *classes, "--num_images", str(args.per_class), *shlex.split(args.sampler_args),
-               "--guidance_scale", f"{w:g}", "--batch_size", "150", "--output_dir", str(run_dir / f"samples-w{w:g}")]
-              for w in args.guidance_scales]
+               *asked[w], *shlex.split(args.sampler_args), "--guidance_scale", f"{w:g}", "--batch_size", "150",
+               "--output_dir", str(run_dir / f"samples-w{w:g}")] for w in args.guidance_scales]
     return " && ".join(shlex.join(command) for command in [train, *sample])
 
 

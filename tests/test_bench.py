@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -95,6 +96,12 @@ def test_quality_and_samplers(letters, tmp_path, capsys):
     row = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
     assert row["guidance_scale"] == 2 and row["conditional"]["classes_scored"] == 3
     assert (out / "conditional-defaults-steps2-seed0-w2.png").exists()
+    # w 0 ignores the class, so it is drawn from seeds of its own, as many images as the classes get in all.
+    settings = dict(data=str(letters), image_size=16, batch_size=4, steps=2, out=str(out), ours_args="", per_class=2,
+                    sampler_args="", guidance_scales=[0, 2])
+    _, w0, w2 = quality.conditional_script(types.SimpleNamespace(**settings), 0, tmp_path / "c").split(" && ")
+    assert "--class_label" not in w0 and "--num_images 6 --guidance_scale 0 " in w0
+    assert "--class_label bar_bottom bar_middle bar_top --num_images 2 --guidance_scale 2 " in w2
     model = save_tiny_pipeline(tmp_path / "model", size=16, channels=1)
     assert samplers.main(["ddim:2", "heun:2:use_karras_sigmas=True", "--model_path", str(model), "--data",
                           str(letters), "--num_samples", "4", "--batch_size", "4", "--out", str(out)]) == 0
