@@ -34,8 +34,9 @@ def hot_caller() -> str | None:
             return None
         if frame.f_code.co_filename in PROJECT:
             name = frame.f_code.co_name
+            first = innermost is None
             innermost = innermost or f"{Path(frame.f_code.co_filename).name}:{name}:{frame.f_lineno}"
-            if name == STEP or (name in HOT and innermost.split(":")[1] == name):
+            if name == STEP or (first and name in HOT):
                 return innermost
             if name == "train":  # the loop: what it calls outside the step (logs, saves) is not hot
                 return None
