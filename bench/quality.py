@@ -4,6 +4,7 @@
     python bench/quality.py --steps 1000 --seeds 0 1
     python bench/quality.py --steps 1000 --label lr6e-4 --ours_args "--learning_rate 6e-4 --lr_warmup_steps 100"
     python bench/quality.py --conditional            # class-conditional: ask for each letter, sweep the guidance
+    python bench/quality.py --steps 1000 --sides edm --edm_parts sigma=ddpm   # EDM with one of its parts swapped
 
 Every side trains for the same number of optimizer steps at the same batch on the same folder (default
 ../shared/data/glyphs16: 5,772 greyscale 16x16 letters, one folder per letter), then draws --num_samples images
@@ -21,7 +22,8 @@ with about 50 network evaluations each.
   edm:   the EDM recipe of Karras et al. (2022, NVlabs/edm), written out here on our UNet: preconditioning
          (sigma_data 0.5, c_skip, c_out, c_in, c_noise = ln(sigma)/4), log-normal sigma (P_mean -1.2, P_std 1.2),
          its loss weight, Adam 2e-3 ramped up over 5% of the steps, EMA half-life 0.05 x images seen; its Heun
-         sampler, 25 steps on the rho-7 schedule from sigma 80 to 0.002 (49 evaluations).
+         sampler, 25 steps on the rho-7 schedule from sigma 80 to 0.002 (49 evaluations). --edm_parts swaps its
+         parts for ours one at a time (EDM_PARTS), to find which carry its gain.
 Score: the Frechet distance between generated and real images in the penultimate features of a small CNN trained
 once on the folder's labels (cached; its held-out accuracy is printed), plus the mean top-1 confidence and the
 entropy of the predicted-class histogram (real data: about ln(classes)). Lower distance is better.
@@ -85,6 +87,10 @@ def parse_args(argv=None):
     p.add_argument("--sampler_args", default="",
                    help="inference.py flags of our side's sampler; default: none, so inference.py's default sampler "
                         "(Heun, 25 steps on the Karras noise levels: 49 network evaluations a sample)")
+    p.add_argument("--edm_parts", nargs="+", default=[], metavar="PART=VALUE",
+                   help="swap parts of the edm side's recipe for ours, to find which carry its gain: "
+                        + ", ".join(f"{k}={'|'.join(v)}" for k, v in EDM_PARTS.items()) + ", sigma_data=NUMBER "
+                        "(the first of each is EDM's own)")
     p.add_argument("--jobs", type=int, default=2, help="training runs at the same time (each on --threads threads)")
     p.add_argument("--label", default="defaults", help="names our side's runs (one label per candidate)")
     p.add_argument("--threads", type=int, default=1,
@@ -101,7 +107,9 @@ def parse_args(argv=None):
     p.add_argument("--worker", choices=REFERENCE_SIDES, help=argparse.SUPPRESS)
     p.add_argument("--worker_dir", help=argparse.SUPPRESS)
     p.add_argument("--worker_seed", type=int, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.edm_parts = parse_edm_parts(args.edm_parts)
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,48 +297,115 @@ def scaled_images(data: str, size: int):
     return torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
 
 
-def edm_worker(data: str, size: int, batch_size: int, steps: int, seed: int, num_samples: int, out: Path) -> None:
+# --edm_parts: each of the EDM recipe's parts can be swapped for ours, one at a time, to find which carry its gain.
+# The first value of each is EDM's own (the default); sigma_data is a number (EDM's 0.5).
+EDM_PARTS = {
+    "sigma": ("lognormal", "ddpm"),  # training noise levels: ln(sigma) ~ N(-1.2, 1.2), or uniform DDPM timesteps
+    "weight": ("edm", "minsnr"),  # loss weight on D's error: EDM's lambda, or min-SNR-5 (min(1 / sigma^2, 5))
+    "precond": ("edm", "eps"),  # EDM's c_skip/c_out/c_in, or epsilon prediction (D = x - sigma F)
+    "cnoise": ("edm", "ddpm"),  # the UNet's noise input: ln(sigma) / 4, or the (fractional) DDPM timestep
+    "opt": ("edm", "ours"),  # Adam 2e-3, constant after the ramp; or ours: AdamW 1.7e-3 (betas 0.95/0.999,
+    #                           weight decay 1e-6), warm-up then cosine to 0, gradient norm clipped to 1
+    "ema": ("edm", "power"),  # half-life 0.05 x images seen, or our power-function EMA of length 0.10
+}
+
+
+def parse_edm_parts(items: list[str]) -> dict:
+    """["sigma=ddpm", "sigma_data=1"] -> {"sigma": "ddpm", "sigma_data": 1.0}; a SystemExit naming the problem."""
+    parts = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key == "sigma_data":
+            parts[key] = float(value)
+        elif key in EDM_PARTS and value in EDM_PARTS[key]:
+            parts[key] = value
+        else:
+            choices = ", ".join(f"{k}={'|'.join(v)}" for k, v in EDM_PARTS.items())
+            raise SystemExit(f"error: --edm_parts {item}: expected one of {choices}, sigma_data=NUMBER")
+    return parts
+
+
+def edm_parts_tag(parts: dict) -> str:
+    return "".join(f"-{key}={value:g}" if isinstance(value, float) else f"-{key}={value}"
+                   for key, value in sorted(parts.items()))
+
+
+def edm_worker(data: str, size: int, batch_size: int, steps: int, seed: int, num_samples: int, out: Path,
+               parts: dict | None = None) -> None:
     """The EDM recipe (Karras et al. 2022; NVlabs/edm training/loss.py, training_loop.py, generate.py) on our UNet,
-    written out; writes samples.npy."""
+    written out, with any of its parts swapped for ours (EDM_PARTS); writes samples.npy."""
     import torch
-    from diffusers import UNet2DModel
+    from diffusers import DDPMScheduler, UNet2DModel
     from tqdm.auto import tqdm
 
-    sigma_data, p_mean, p_std = 0.5, -1.2, 1.2
+    from ema import length_to_exponent
+
+    part = {key: values[0] for key, values in EDM_PARTS.items()} | {"sigma_data": 0.5} | (parts or {})
+    sigma_data, p_mean, p_std = part["sigma_data"], -1.2, 1.2
     torch.manual_seed(seed)
     net = UNet2DModel(sample_size=size, in_channels=1, out_channels=1, **MODEL)
+    alphas = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.double()  # our default schedule
+    ddpm_sigmas = ((1 - alphas) / alphas).sqrt()
 
     def denoise(model, x, sigma):
         """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise): EDM's preconditioning (its Table 1, EDMPrecond)."""
         s = sigma.reshape(-1, 1, 1, 1)
-        c_skip = sigma_data ** 2 / (s ** 2 + sigma_data ** 2)
-        c_out = s * sigma_data / (s ** 2 + sigma_data ** 2).sqrt()
-        c_in = 1 / (sigma_data ** 2 + s ** 2).sqrt()
-        c_noise = sigma.log() / 4
+        if part["precond"] == "edm":
+            c_skip = sigma_data ** 2 / (s ** 2 + sigma_data ** 2)
+            c_out = s * sigma_data / (s ** 2 + sigma_data ** 2).sqrt()
+            c_in = 1 / (sigma_data ** 2 + s ** 2).sqrt()
+        else:  # epsilon prediction, as the VP column of EDM's Table 1
+            c_skip, c_out, c_in = torch.ones_like(s), -s, 1 / (1 + s ** 2).sqrt()
+        if part["cnoise"] == "edm":
+            c_noise = sigma.log() / 4
+        else:  # the DDPM timestep of this sigma, interpolated in ln(sigma) as diffusers' Heun and Euler do
+            grid = ddpm_sigmas.log().numpy()
+            c_noise = torch.from_numpy(np.interp(sigma.double().log().cpu().numpy(), grid, np.arange(len(grid))))
         return c_skip * x + c_out * model((c_in * x).float(), c_noise.float().flatten()).sample.to(x.dtype)
 
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3, betas=(0.9, 0.999), eps=1e-8)
+    if part["opt"] == "edm":
+        lr, optimizer = 2e-3, torch.optim.Adam(net.parameters(), lr=2e-3, betas=(0.9, 0.999), eps=1e-8)
+    else:
+        lr = 1.7e-3
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.95, 0.999), eps=1e-8, weight_decay=1e-6)
     rampup_images = 0.05 * steps * batch_size  # lr_rampup_kimg: 5% of the run
+    power = length_to_exponent(0.10)
     loader = torch.utils.data.DataLoader(scaled_images(data, size), batch_size=batch_size, shuffle=True,
                                          drop_last=True)
     step, seen, bar = 0, 0, tqdm(total=steps, desc=f"edm seed {seed}", mininterval=10)
     net.train()
     while step < steps:
         for y in loader:
-            sigma = (torch.randn(len(y)) * p_std + p_mean).exp()  # EDMLoss: log-normal noise levels
-            weight = ((sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2).reshape(-1, 1, 1, 1)
+            if part["sigma"] == "lognormal":  # EDMLoss: log-normal noise levels
+                sigma = (torch.randn(len(y)) * p_std + p_mean).exp()
+            else:
+                sigma = ddpm_sigmas[torch.randint(0, len(ddpm_sigmas), (len(y),))].float()
+            if part["weight"] == "edm":
+                weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+            else:  # min-SNR-5 on epsilon, min(1, 5 sigma^2), is this on D's error
+                weight = (1 / sigma ** 2).clamp(max=5.0)
             noisy = y + torch.randn_like(y) * sigma.reshape(-1, 1, 1, 1)
-            loss = (weight * (denoise(net, noisy, sigma) - y) ** 2).sum() / batch_size
+            loss = (weight.reshape(-1, 1, 1, 1) * (denoise(net, noisy, sigma) - y) ** 2).sum() / batch_size
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            for group in optimizer.param_groups:  # linear LR ramp-up in images seen
-                group["lr"] = 2e-3 * min(seen / max(rampup_images, 1e-8), 1)
+            if part["opt"] == "edm":  # linear LR ramp-up in images seen
+                factor = min(seen / max(rampup_images, 1e-8), 1)
+            else:  # linear warm-up over 5% of the steps, then cosine to 0 (diffusers' cosine schedule)
+                warm = 0.05 * steps
+                factor = step / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / (steps - warm)))
+            for group in optimizer.param_groups:
+                group["lr"] = lr * factor
             for param in net.parameters():
                 torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+            if part["opt"] == "ours":
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             optimizer.step()
-            half_life = min(500_000, seen * 0.05)  # ema_halflife_kimg 500, ema_rampup_ratio 0.05
-            beta = 0.5 ** (batch_size / max(half_life, 1e-8))
+            if part["ema"] == "edm":
+                half_life = min(500_000, seen * 0.05)  # ema_halflife_kimg 500, ema_rampup_ratio 0.05
+                beta = 0.5 ** (batch_size / max(half_life, 1e-8))
+            else:  # the power-function profile of length 0.10 (ema.PowerEMA)
+                beta = (1 - batch_size / (seen + batch_size)) ** (power + 1)
             with torch.no_grad():
                 for p_ema, p_net in zip(ema.parameters(), net.parameters()):
                     p_ema.copy_(p_net.detach().lerp(p_ema, beta))
@@ -416,7 +491,9 @@ def side_env(threads: int, extra_path: Path | None = None) -> dict:
 def reference_command(args, side: str, seed: int, run_dir: Path) -> list[str]:
     return [sys.executable, __file__, "--worker", side, "--worker_dir", str(run_dir), "--worker_seed", str(seed),
             "--data", args.data, "--steps", str(args.steps), "--batch_size", str(args.batch_size),
-            "--image_size", str(args.image_size), "--num_samples", str(args.num_samples)]
+            "--image_size", str(args.image_size), "--num_samples", str(args.num_samples),
+            *(["--edm_parts", *(f"{k}={v}" for k, v in args.edm_parts.items())] if side == "edm" and args.edm_parts
+              else [])]
 
 
 def train_command(data: str, image_size: int, batch_size: int, steps: int, seed: int, output_dir: Path,
@@ -621,7 +698,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         WORKERS[args.worker](args.data, args.image_size, args.batch_size, args.steps, args.worker_seed,
-                             args.num_samples, Path(args.worker_dir))
+                             args.num_samples, Path(args.worker_dir),
+                             **({"parts": args.edm_parts} if args.worker == "edm" else {}))
         return 0
     import torch
 
@@ -649,7 +727,8 @@ def main(argv=None) -> int:
         tag = f"steps{args.steps}-seed{seed}"
         if side == "ours":
             return out / f"ours-{args.label}" / tag
-        return out / side / f"{tag}-n{args.num_samples}-b{args.batch_size}-{data_key}"
+        parts = edm_parts_tag(args.edm_parts) if side == "edm" else ""
+        return out / side / f"{tag}-n{args.num_samples}-b{args.batch_size}-{data_key}{parts}"
 
     def done(side: str, seed: int) -> bool:
         if side == "ours":
@@ -689,7 +768,7 @@ def main(argv=None) -> int:
                   f"(mean distance {mean['ours']:.1f} vs {mean[side]:.1f}; per seed {per_seed})")
     if "plain" in sides:
         for side, expected in REFERENCE_RATIOS.items():
-            if side not in sides:
+            if side not in sides or (side == "edm" and args.edm_parts):
                 continue
             ratio = mean[side] / mean["plain"]
             faithful = args.steps != 3000 or 1 / REFERENCE_TOLERANCE <= ratio / expected <= REFERENCE_TOLERANCE

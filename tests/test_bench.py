@@ -110,6 +110,19 @@ def test_quality_and_samplers(letters, tmp_path, capsys):
     assert lines[1].startswith("heun:2:use_karras_sigmas=True ") and " 3 evals " in lines[1]
 
 
+def test_edm_parts_swap_and_train(letters, tmp_path):
+    """Every part of the edm side can be swapped for ours (one 2-step run with all swapped, in-process); a wrong
+    part is one line naming the choices."""
+    swapped = quality.parse_edm_parts(["sigma=ddpm", "weight=minsnr", "precond=eps", "cnoise=ddpm", "opt=ours",
+                                       "ema=power", "sigma_data=1"])
+    assert swapped["sigma_data"] == 1.0 and quality.edm_parts_tag({"sigma": "ddpm"}) == "-sigma=ddpm"
+    quality.edm_worker(str(letters), 16, 4, 2, 0, 3, tmp_path / "edm", swapped)
+    samples = np.load(tmp_path / "edm" / "samples.npy")
+    assert samples.shape == (3, 16, 16) and samples.dtype == np.uint8 and samples.std() > 0
+    with pytest.raises(SystemExit, match=r"--edm_parts sigma=uniform: expected one of sigma=lognormal\|ddpm"):
+        quality.parse_edm_parts(["sigma=uniform"])
+
+
 def test_fine_tune(tmp_path, capsys):
     """Pretrain on lower_*, fine-tune on upper_* with LR auto (the fixed LRs are rows of the same kind); a table."""
     data = tmp_path / "glyphs"
