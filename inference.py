@@ -56,10 +56,9 @@ def check_editing(cfg: InferenceConfig, steps: int, schedule) -> None:
     """The edits this model and step count cannot make."""
     from sampling import edit_steps
 
-    if cfg.inpaint and schedule.get("prediction_type", "epsilon") != "epsilon":
-        raise UserError(f"--inpaint needs a model that predicts the noise (RePaintScheduler); this one predicts "
-                        f"{schedule['prediction_type']}; use --init_image, or a model trained with --prediction_type "
-                        f"epsilon")
+    if cfg.inpaint and schedule.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise UserError(f"--inpaint needs a model that predicts the noise or v (RePaintScheduler); this one predicts "
+                        f"{schedule['prediction_type']}; use --init_image")
     if cfg.init_image and edit_steps(steps, cfg.strength) == 0:
         raise UserError(f"--strength {cfg.strength} of {steps} steps leaves no step to run (int({steps} x "
                         f"{cfg.strength}) = 0); raise --strength or --num_inference_steps")

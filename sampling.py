@@ -69,10 +69,23 @@ REPAINT = "repaint"
 REPAINT_STEPS_DEFAULT = 250
 
 
+class VelocityRePaintScheduler(RePaintScheduler):
+    """diffusers' RePaintScheduler for a v-prediction model: RePaint's step takes the noise, so each v is turned into
+    the noise it implies, eps = sqrt(alpha_bar_t) v + sqrt(1 - alpha_bar_t) x_t (x_t = sqrt(alpha_bar_t) x0 +
+    sqrt(1 - alpha_bar_t) eps and v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0)."""
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, *args, **kwargs):
+        alpha_bar = self.alphas_cumprod[timestep].to(sample.device, sample.dtype)
+        noise = alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * sample
+        return super().step(noise, timestep, sample, *args, **kwargs)
+
+
 def make_sampler(name: str, trained_scheduler_config) -> SchedulerMixin:
-    """A sampler built from the noise schedule the model was trained with (REPAINT: diffusers' RePaintScheduler)."""
+    """A sampler built from the noise schedule the model was trained with (REPAINT: diffusers' RePaintScheduler, on
+    the noise the model's epsilon or v implies)."""
     if name == REPAINT:
-        return RePaintScheduler.from_config(trained_scheduler_config)
+        velocity = trained_scheduler_config.get("prediction_type") == "v_prediction"
+        return (VelocityRePaintScheduler if velocity else RePaintScheduler).from_config(trained_scheduler_config)
     cls, settings = SAMPLER_CLASSES[name]
     return cls.from_config(trained_scheduler_config, **settings)
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, RePaintScheduler, UNet2DModel
 
 import files
 import sampling
@@ -146,3 +146,21 @@ def test_sdedit_runs_the_last_share_of_every_samplers_steps(unet, name):
     plain = sampling.generate(unet, sampler, [5, 6], 10, 2, progress=False)
     assert torch.equal(full, plain)
     assert torch.isfinite(edited).all() and not torch.allclose(edited, plain, atol=1e-2)
+
+
+def test_repaint_of_a_v_model_steps_as_on_the_noise_its_v_implies():
+    """RePaintScheduler takes the noise; for a v-prediction model make_sampler's RePaint turns each v into it."""
+    config = DDPMScheduler(prediction_type="v_prediction").config
+    v_sampler, eps_sampler = (sampling.make_sampler(sampling.REPAINT, c) for c in (config, {**config, "prediction_type": "epsilon"}))
+    assert type(eps_sampler) is RePaintScheduler and isinstance(v_sampler, sampling.VelocityRePaintScheduler)
+    for s in (v_sampler, eps_sampler):
+        s.set_timesteps(10, jump_length=3, jump_n_sample=2)
+    t = int(v_sampler.timesteps[3])
+    a = v_sampler.alphas_cumprod[t]
+    clean, noise = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    x_t = a.sqrt() * clean + (1 - a).sqrt() * noise
+    v = a.sqrt() * noise - (1 - a).sqrt() * clean
+    image, keep = torch.rand(2, 1, 4, 4), (torch.rand(2, 1, 4, 4) > 0.5).float()
+    steps = [s.step(out, t, x_t, image, keep, generator=torch.Generator().manual_seed(0)).prev_sample
+             for s, out in ((v_sampler, v), (eps_sampler, noise))]
+    torch.testing.assert_close(steps[0], steps[1], atol=1e-5, rtol=1e-5)
