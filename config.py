@@ -82,7 +82,7 @@ class TrainingConfig:
     learning_rate: float | Auto = "auto"  # peak AdamW LR; auto: 1e-4 x (113.7M / parameters) ** 0.6, 1e-4 for the README's UNet; the same for a fine-tune (pretrained_model_path: a tenth was worse, bench/RESULTS.md)
     lr_scheduler: LRSchedule = "cosine"  # LR shape
     lr_warmup_steps: int | Auto = "auto"  # linear warm-up, in optimizer steps; auto: 5% of the run, at most 500
-    adam_beta1: float = 0.95  # AdamW beta1
+    adam_beta1: float = 0.9  # AdamW beta1: Adam's own 0.9 (Kingma & Ba; Ho et al., EDM and lucidrains train with it); the diffusers example's 0.95 was 1.2x worse on the letters (bench/RESULTS.md)
     adam_beta2: float = 0.999  # AdamW beta2
     adam_weight_decay: float = 1e-6  # AdamW decoupled weight decay
     adam_epsilon: float = 1e-8  # AdamW epsilon
@@ -90,7 +90,7 @@ class TrainingConfig:
     snr_gamma: Optional[float] = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023; bench/RESULTS.md); none: plain MSE
     loss_weighting: Literal["min_snr", "edm"] = "min_snr"  # min_snr: by --snr_gamma; edm: Karras et al.'s lambda(sigma) with --sigma_data, the EDM loss on the model's x0
     sigma_data: float = 0.5  # edm weighting: the data's standard deviation (EDM's 0.5 for images in [-1, 1])
-    timestep_sampling: Literal["uniform", "lognormal"] = "uniform"  # training timesteps: uniform, or lognormal: ln(sigma) ~ N(lognormal_mean, lognormal_std) as EDM draws its noise levels, sigma = sqrt((1 - alpha_bar) / alpha_bar), on the scheduler's own timesteps
+    timestep_sampling: Literal["auto", "uniform", "lognormal"] = "auto"  # training timesteps: uniform, or lognormal: ln(sigma) ~ N(lognormal_mean, lognormal_std) as EDM draws its noise levels, sigma = sqrt((1 - alpha_bar) / alpha_bar), on the scheduler's own timesteps; auto: lognormal for v_prediction, uniform for epsilon (whose error at the rarely drawn high noise levels is multiplied by sigma, up to 157)
     lognormal_mean: float = -1.2  # lognormal timesteps: mean of ln(sigma) (EDM's P_mean)
     lognormal_std: float = 1.2  # lognormal timesteps: standard deviation of ln(sigma) (EDM's P_std)
     mixed_precision: MixedPrecision = "auto"  # auto: bf16 on GPUs that have it, else fp16; fp32 on CPU
@@ -160,7 +160,7 @@ class SchedulerConfig:
     beta_start: float = 1e-4  # first beta
     beta_end: float = 0.02  # last beta
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"  # beta curve
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the UNet predicts
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"  # what the UNet predicts; v (Salimans & Ho 2022) is x0 at high noise and epsilon at low, so it can train on EDM's log-normal noise levels (bench/RESULTS.md); a fine-tune keeps its pretrained model's
 
 
 @dataclass
@@ -356,6 +356,9 @@ PER_RUN_FIELDS = ("resume_from_checkpoint", "overwrite_output_dir")
 # Fields of earlier versions that config.json files of their runs still hold: skipped when such a file is read. The
 # warm-up EMA's decay settings gave way to the EMA's length (ema_length).
 RETIRED_FIELDS = ("ema_max_decay", "ema_inv_gamma", "ema_power")
+# Defaults that changed, as the runs that wrote config.json files without the field had them: a checkpoint of an
+# earlier version resumes as it trained.
+EARLIER_DEFAULTS = {"prediction_type": "epsilon", "timestep_sampling": "uniform", "adam_beta1": 0.95}
 
 
 def read_config_file(path: str | Path, sections: tuple[type, ...]) -> dict[str, object]:
@@ -376,6 +379,8 @@ def read_config_file(path: str | Path, sections: tuple[type, ...]) -> dict[str, 
             continue
         flat.update(value if isinstance(value, dict) and key not in table else {key: value})
     flat = {key: value for key, value in flat.items() if not (written_by_training and key in RETIRED_FIELDS)}
+    if written_by_training:
+        flat = {key: value for key, value in EARLIER_DEFAULTS.items() if key in table} | flat
     for key in flat:
         if key not in table:
             near = difflib.get_close_matches(key, list(table), n=1)
@@ -714,11 +719,11 @@ class Resolved:
 
 def resolve(cfg: Config, count_parameters: Callable[[ModelConfig, int, int], int], *, channels: Optional[int] = None,
             batches_per_epoch: Optional[int] = None, num_processes: int = 1, seed: Optional[int] = None,
-            pretrained: Optional[dict] = None, device_type: str = "cpu", native_bf16: bool = False,
-            classes: Optional[list[str]] = None) -> Resolved:
+            pretrained: Optional[dict] = None, pretrained_schedule: Optional[dict] = None, device_type: str = "cpu",
+            native_bf16: bool = False, classes: Optional[list[str]] = None) -> Resolved:
     """The run's settings from its config and the facts of this run: the data's channels and batches per epoch
     (per process) and class names, the process count, the drawn seed (used when --seed is none), the pretrained UNet's config (its
-    shape replaces the model fields) and the device. count_parameters(model, image_size, channels) counts a UNet's
+    shape replaces the model fields) and noise schedule (it replaces the scheduler fields) and the device. count_parameters(model, image_size, channels) counts a UNet's
     parameters, for the learning rate. Facts not known yet (--dry_run) leave what depends on them unresolved."""
     cfg = copy.deepcopy(cfg)
     t, d = cfg.training, cfg.data
@@ -735,6 +740,12 @@ def resolve(cfg: Config, count_parameters: Callable[[ModelConfig, int, int], int
         for f in dataclasses.fields(ModelConfig):
             value = pretrained[f.name]
             setattr(cfg.model, f.name, tuple(value) if isinstance(value, list) else value)
+    if pretrained_schedule is not None:  # a fine-tune goes on with the noise schedule and target its model learned
+        for f in dataclasses.fields(SchedulerConfig):
+            if f.name in pretrained_schedule:
+                setattr(cfg.scheduler, f.name, pretrained_schedule[f.name])
+    if t.timestep_sampling == "auto":
+        t.timestep_sampling = "lognormal" if cfg.scheduler.prediction_type == "v_prediction" else "uniform"
     num_parameters = count_parameters(cfg.model, t.image_size, channels)
     steps_per_epoch = math.ceil(batches_per_epoch / t.gradient_accumulation_steps) if batches_per_epoch else None
     total_steps = t.max_train_steps or (t.num_epochs * steps_per_epoch if steps_per_epoch else None)

@@ -550,9 +550,9 @@ def load_inputs(cfg: Config, state):
     if t.class_conditional:
         check_classes(cfg, dataset)
     # A resumed fine-tune gets its weights from the checkpoint; its config holds the pretrained architecture.
-    pretrained = None
+    pretrained = None  # the SavedModel: its UNet and the noise schedule it learned
     if t.pretrained_model_path and not t.resume_from_checkpoint:
-        pretrained = load_model(t.pretrained_model_path, flag="--pretrained_model_path").unet
+        pretrained = load_model(t.pretrained_model_path, flag="--pretrained_model_path")
     evaluation = Evaluation(cfg, state, dataset) if t.eval_epochs else None
     return dataset, pretrained, evaluation
 
@@ -669,7 +669,8 @@ def train(cfg: Config) -> int:
     run = config_module.resolve(
         cfg, count_parameters, channels=dataset.channels, num_processes=state.num_processes, seed=drawn_seed,
         batches_per_epoch=batches_per_epoch(len(dataset), t.train_batch_size, state.num_processes),
-        pretrained=pretrained.config if pretrained is not None else None, device_type=device.type,
+        pretrained=pretrained.unet.config if pretrained is not None else None,
+        pretrained_schedule=pretrained.schedule if pretrained is not None else None, device_type=device.type,
         native_bf16=native_bf16(device), classes=dataset.classes)
     cfg, t, out, total_steps = run.cfg, run.cfg.training, Path(run.cfg.training.output_dir).expanduser(), run.total_steps
     if main:
@@ -680,7 +681,7 @@ def train(cfg: Config) -> int:
                   f"override)")
     # --- 4. Accelerator, loader, model, EMA, optimizer, LR schedule ----------------------------------
     accelerator, loader, order = start_accelerator(run, state, dataset)
-    parts = build_training(run, accelerator, pretrained)
+    parts = build_training(run, accelerator, pretrained.unet if pretrained is not None else None)
     unet, ema, noise_scheduler = parts.unet, parts.ema, parts.noise_scheduler
     pipeline = (unet, ema, noise_scheduler)
     record = config_module.config_record(cfg, seed=t.seed, channels=run.channels, num_processes=run.num_processes,
@@ -904,8 +905,10 @@ def dry_run(cfg: Config) -> int:
     """--dry_run: the config resolved as far as it can be without reading the data, printed as JSON."""
     t = cfg.training
     fine_tune = t.pretrained_model_path and not t.resume_from_checkpoint
-    pretrained = load_model(t.pretrained_model_path, "--pretrained_model_path").unet.config if fine_tune else None
+    saved = load_model(t.pretrained_model_path, "--pretrained_model_path") if fine_tune else None
+    pretrained = saved.unet.config if saved else None
     run = config_module.resolve(cfg, count_parameters, pretrained=pretrained,
+                                pretrained_schedule=saved.schedule if saved else None,
                                 channels=pretrained and pretrained["in_channels"])
     print(json.dumps(dataclasses.asdict(run.cfg), indent=2))
     return 0

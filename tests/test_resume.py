@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import config
 from checkpoint import find_checkpoint
 from model import count_parameters
-from conftest import ROOT, TINY_MODEL, TINY_RUN, assert_user_error, call, cli_env
+from conftest import ROOT, TINY_MODEL, TINY_RUN, assert_user_error, call, cli_env, save_tiny_pipeline
 
 # 12 images in batches of 4: 3 optimizer steps an epoch, so step 4 is in the middle of epoch 2.
 # A warm-up schedule makes the LR change across the resume point without depending on the run's length.
@@ -250,6 +250,14 @@ def test_fine_tuning_from_final_model_with_frozen_encoder(image_folder, tmp_path
     assert train_ddpm.main([*map(str, TINY_MODEL), "--image_size", "32", "--output_dir", str(tmp_path / "x"),
                             "--pretrained_model_path", str(base / "final_model"), "--dry_run"]) == 2
     assert "set --image_size 16" in capsys.readouterr().err
+    # A fine-tune goes on with its model's noise schedule and target: v (the default) here, epsilon for a model
+    # trained so (google/ddpm-cifar10-32, or a run of an earlier version), which then trains on uniform timesteps.
+    assert json.loads((tuned / "config.json").read_text())["scheduler"]["prediction_type"] == "v_prediction"
+    epsilon_model = save_tiny_pipeline(tmp_path / "epsilon", size=16, channels=3)
+    assert train_ddpm.main(["--output_dir", str(tmp_path / "y"), "--pretrained_model_path", str(epsilon_model),
+                            "--image_size", "16", "--dry_run"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["scheduler"]["prediction_type"] == "epsilon" and resolved["training"]["timestep_sampling"] == "uniform"
 
 
 def lr_by_run(out: Path) -> list[dict[int, float]]:
