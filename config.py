@@ -32,6 +32,7 @@ LRSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 # Samplers that are correct in sampling.sample_images (see SAMPLER_CLASSES there).
 Sampler = Literal["ddpm", "ddim", "dpmsolver++", "unipc", "euler", "euler_a", "heun"]
 SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
+EDM_SAMPLERS = ("heun", "euler", "dpmsolver++")  # those of a model trained with --parameterization edm
 
 # UNet2DModel blocks that work without text conditioning; Attn* ones add self-attention at their level.
 DownBlock = Literal["DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D"]
@@ -89,7 +90,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0  # clip the gradient norm to this (0 turns clipping off)
     snr_gamma: Optional[float] = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023; bench/RESULTS.md); none: plain MSE
     loss_weighting: Literal["min_snr", "edm"] = "min_snr"  # min_snr: by --snr_gamma; edm: Karras et al.'s lambda(sigma) with --sigma_data, the EDM loss on the model's x0
-    sigma_data: float = 0.5  # edm weighting: the data's standard deviation (EDM's 0.5 for images in [-1, 1])
+    sigma_data: float = 0.5  # edm weighting and --parameterization edm: the data's standard deviation (EDM's 0.5 for images in [-1, 1])
     timestep_sampling: Literal["auto", "uniform", "lognormal"] = "auto"  # training timesteps: uniform, or lognormal: ln(sigma) ~ N(lognormal_mean, lognormal_std) as EDM draws its noise levels, sigma = sqrt((1 - alpha_bar) / alpha_bar), on the scheduler's own timesteps; auto: lognormal for v_prediction, uniform for epsilon (whose error at the rarely drawn high noise levels is multiplied by sigma, up to 157)
     lognormal_mean: float = -1.2  # lognormal timesteps: mean of ln(sigma) (EDM's P_mean)
     lognormal_std: float = 1.2  # lognormal timesteps: standard deviation of ln(sigma) (EDM's P_std)
@@ -161,6 +162,7 @@ class SchedulerConfig:
     beta_end: float = 0.02  # last beta
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"  # beta curve
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"  # what the UNet predicts; v (Salimans & Ho 2022) is x0 at high noise and epsilon at low, so it can train on EDM's log-normal noise levels (bench/RESULTS.md); a fine-tune keeps its pretrained model's
+    parameterization: Literal["ddpm", "edm"] = "ddpm"  # ddpm: DDPMScheduler's timesteps (DDPMPipeline samples the saved model); edm: Karras et al.'s continuous log-normal noise levels and preconditioning with --sigma_data, c_noise = ln(sigma) / 4, the UNet predicts EDM's F (--prediction_type does not apply); saved with diffusers' EDMEulerScheduler (samplers: heun, euler, dpmsolver++; no inpainting)
 
 
 @dataclass
@@ -744,6 +746,17 @@ def resolve(cfg: Config, count_parameters: Callable[[ModelConfig, int, int], int
         for f in dataclasses.fields(SchedulerConfig):
             if f.name in pretrained_schedule:
                 setattr(cfg.scheduler, f.name, pretrained_schedule[f.name])
+        cfg.scheduler.parameterization = "edm" if "sigma_data" in pretrained_schedule else "ddpm"
+        t.sigma_data = pretrained_schedule.get("sigma_data", t.sigma_data)
+    if cfg.scheduler.parameterization == "edm":
+        if t.timestep_sampling == "uniform":
+            raise UserError("--parameterization edm draws its noise levels log-normally (--lognormal_mean, "
+                            "--lognormal_std); drop --timestep_sampling uniform")
+        t.timestep_sampling = "lognormal"
+        cfg.scheduler.prediction_type = "epsilon"  # EDMEulerScheduler's name for EDM's own F (v_prediction: -F)
+        if t.sample_scheduler not in EDM_SAMPLERS:
+            raise UserError(f"--sample_scheduler {t.sample_scheduler} samples DDPM models; with --parameterization edm "
+                            f"use {', '.join(EDM_SAMPLERS)}")
     if t.timestep_sampling == "auto":
         t.timestep_sampling = "lognormal" if cfg.scheduler.prediction_type == "v_prediction" else "uniform"
     num_parameters = count_parameters(cfg.model, t.image_size, channels)

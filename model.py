@@ -61,10 +61,16 @@ def fit_class_embedding(unet, num_classes: int):
     return fitted.to(unet.dtype)
 
 
-def build_noise_scheduler(s: SchedulerConfig):
-    from diffusers import DDPMScheduler
+def build_noise_scheduler(s: SchedulerConfig, sigma_data: float = 0.5):
+    """The trained schedule, saved with the model: DDPMScheduler, or for --parameterization edm diffusers'
+    EDMEulerScheduler (EDM's sigma range 0.002-80, rho 7, and its c_in, c_skip, c_out and c_noise with sigma_data)."""
+    from diffusers import DDPMScheduler, EDMEulerScheduler
 
-    return DDPMScheduler(**dataclasses.asdict(s))
+    fields = dataclasses.asdict(s)
+    if fields.pop("parameterization") == "edm":
+        return EDMEulerScheduler(sigma_data=sigma_data, prediction_type=s.prediction_type,
+                                 num_train_timesteps=s.num_train_timesteps)
+    return DDPMScheduler(**fields)
 
 
 def count_parameters(m: ModelConfig, image_size: int, channels: int) -> int:
@@ -194,8 +200,11 @@ def _load_parts(folder: Path, dtype) -> SavedModel:
     from diffusers import DDPMScheduler, UNet2DModel
 
     unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=dtype or torch.float32)
-    has_schedule = (folder / "scheduler" / "scheduler_config.json").exists()
-    schedule = DDPMScheduler.from_pretrained(folder / "scheduler") if has_schedule else DDPMScheduler()
+    import diffusers
+
+    saved = folder / "scheduler" / "scheduler_config.json"
+    kind = getattr(diffusers, json.loads(saved.read_text()).get("_class_name", ""), DDPMScheduler) if saved.exists() else None
+    schedule = kind.from_pretrained(folder / "scheduler") if kind else DDPMScheduler()
     return SavedModel(unet.eval(), schedule.config, _record_beside(folder), folder=folder)
 
 

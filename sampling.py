@@ -25,17 +25,20 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     RePaintScheduler,
     UniPCMultistepScheduler,
 )
+from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from config import DEFAULT_GUIDANCE_SCALE, UserError
+from config import DEFAULT_GUIDANCE_SCALE, EDM_SAMPLERS, UserError
 from files import atomic_file, write_json
 
 T = TypeVar("T")
@@ -80,9 +83,69 @@ class VelocityRePaintScheduler(RePaintScheduler):
         return super().step(noise, timestep, sample, *args, **kwargs)
 
 
+class EDMHeunScheduler(EDMEulerScheduler):
+    """Karras et al.'s deterministic Heun sampler (EDM's Algorithm 1) for a model trained with --parameterization edm:
+    diffusers' EDMEulerScheduler (its rho-7 noise levels, preconditioning and c_noise) with the second-order correction
+    that diffusers has no EDM scheduler for. Laid out as HeunDiscreteScheduler: every noise level but the first and
+    the final 0 is visited twice (the correction of one step, then the start of the next), so n steps take 2n - 1
+    network evaluations, the last step (to sigma 0) being Euler's."""
+
+    order = 2
+
+    @property
+    def init_noise_sigma(self):
+        return self.config.sigma_max  # EDM starts from sigma_max exactly (EDMEulerScheduler: sqrt(sigma_max^2 + 1))
+
+    def set_timesteps(self, num_inference_steps: int = None, device=None, sigmas=None):
+        super().set_timesteps(num_inference_steps, device, sigmas)
+        levels = self.sigmas  # the n noise levels, then 0 (on the CPU)
+        self.sigmas = torch.cat([levels[:1], levels[1:-1].repeat_interleave(2), levels[-1:]])
+        self.timesteps = self.precondition_noise(self.sigmas[:-1]).to(device)
+        self._euler = None  # the step being corrected: (its start, its first slope, its sigma step)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **kwargs):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+        denoised = self.precondition_outputs(sample, model_output, sigma)
+        slope = (sample - denoised) / sigma
+        if self._euler is None:  # a step's first evaluation: Euler to the next noise level
+            prev_sample = sample + (sigma_next - sigma) * slope
+            if sigma_next > 0:
+                self._euler = (sample, slope, sigma_next - sigma)
+        else:  # its correction, at the level Euler reached: the mean of the two slopes from the step's start
+            start, first_slope, dt = self._euler
+            prev_sample = start + dt * (first_slope + slope) / 2
+            self._euler = None
+        self._step_index += 1
+        return EDMEulerSchedulerOutput(prev_sample, denoised) if return_dict else (prev_sample, denoised)
+
+
+# name -> (scheduler class, settings) for a model trained with --parameterization edm, whose saved scheduler is
+# diffusers' EDMEulerScheduler: Heun as EDM samples, and the EDM samplers diffusers ships.
+EDM_SAMPLER_CLASSES: dict[str, tuple[type[SchedulerMixin], dict]] = {
+    "heun": (EDMHeunScheduler, {}),
+    "euler": (EDMEulerScheduler, {}),
+    "dpmsolver++": (EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+}
+assert tuple(EDM_SAMPLER_CLASSES) == EDM_SAMPLERS
+
+
+def is_edm(trained_scheduler_config) -> bool:
+    """Whether a model was trained with --parameterization edm (its scheduler is an EDM one, with sigma_data)."""
+    return "sigma_data" in trained_scheduler_config
+
+
 def make_sampler(name: str, trained_scheduler_config) -> SchedulerMixin:
     """A sampler built from the noise schedule the model was trained with (REPAINT: diffusers' RePaintScheduler, on
-    the noise the model's epsilon or v implies)."""
+    the noise the model's epsilon or v implies; an EDM model: EDM_SAMPLER_CLASSES)."""
+    if is_edm(trained_scheduler_config):
+        if name not in EDM_SAMPLER_CLASSES:
+            what = "inpainting (RePaint) needs" if name == REPAINT else f"--scheduler {name} samples"
+            raise UserError(f"{what} a DDPM model, and this one was trained with --parameterization edm; use "
+                            f"--scheduler {', '.join(EDM_SAMPLERS)}" + (" or --init_image" if name == REPAINT else ""))
+        cls, settings = EDM_SAMPLER_CLASSES[name]
+        return cls.from_config(trained_scheduler_config, **settings)
     if name == REPAINT:
         velocity = trained_scheduler_config.get("prediction_type") == "v_prediction"
         return (VelocityRePaintScheduler if velocity else RePaintScheduler).from_config(trained_scheduler_config)

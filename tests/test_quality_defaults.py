@@ -194,3 +194,24 @@ def test_a_config_json_of_an_earlier_version_keeps_the_defaults_it_trained_with(
     flat = tmp_path / "mine.json"  # a user's --config file: only what it says
     flat.write_text(json.dumps({"learning_rate": 1e-3}))
     assert config.read_config_file(flat, config.TRAINING_SECTIONS) == {"learning_rate": 1e-3}
+
+
+def test_edm_parameterization_trains_on_lognormal_sigmas_with_min_snr_or_edm_weights_and_refuses_the_rest():
+    """--parameterization edm: log-normal noise levels always, EDM's own F (EDMEulerScheduler's epsilon), a sampler
+    it has; the loss weight on the denoised image is min(1 / sigma^2, gamma) (min-SNR) or EDM's lambda(sigma)."""
+    def resolved(*argv):
+        cfg, _ = train_ddpm.parse_config(["--parameterization", "edm", *argv])
+        return config.resolve(cfg, count_parameters, channels=1, batches_per_epoch=10).cfg
+
+    cfg = resolved()
+    assert (cfg.scheduler.prediction_type, cfg.training.timestep_sampling) == ("epsilon", "lognormal")
+    saved = build_noise_scheduler(cfg.scheduler, cfg.training.sigma_data)
+    assert type(saved).__name__ == "EDMEulerScheduler" and saved.config.sigma_data == 0.5
+    sigma = torch.tensor([0.1, 0.5, 2.0])
+    torch.testing.assert_close(train_ddpm.edm_loss_weights(sigma, cfg.training), torch.tensor([5.0, 4.0, 0.25]))
+    torch.testing.assert_close(train_ddpm.edm_loss_weights(sigma, resolved("--loss_weighting", "edm").training),
+                               (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2)
+    for argv, message in ((("--timestep_sampling", "uniform"), "log-normally"),
+                          (("--sample_scheduler", "ddim"), "sample_scheduler ddim")):
+        with pytest.raises(config.UserError, match=message):
+            resolved(*argv)

@@ -70,7 +70,10 @@ def assert_identical(a, b, where="state"):
 V_EDM = ("--prediction_type", "v_prediction", "--loss_weighting", "edm", "--timestep_sampling", "lognormal")
 
 
-@pytest.mark.parametrize("accumulation, options", [(1, ()), (2, V_EDM)])
+EDM = ("--parameterization", "edm")  # and issue 22's full EDM: continuous noise levels, EDM's preconditioning
+
+
+@pytest.mark.parametrize("accumulation, options", [(1, ()), (2, V_EDM), (1, EDM)])
 def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path, accumulation, options, capsys):
     steps = 8
     straight = tmp_path / "straight"
@@ -95,7 +98,20 @@ def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path, accumulation,
     final = load_file(halves / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
     name = "conv_in.weight"
     assert not torch.equal(final[name], b["model"][name])
-    if options:  # a checkpoint of such a run is a DDPMPipeline that samples with the target it was trained for
+    if options == EDM:  # diffusers' UNet2DModel and EDMEulerScheduler load it and sample it (the README's loop)
+        from diffusers import EDMEulerScheduler, UNet2DModel
+
+        checkpoint = halves / f"checkpoint-step-{steps}"
+        unet = UNet2DModel.from_pretrained(checkpoint / "unet")
+        scheduler = EDMEulerScheduler.from_pretrained(checkpoint / "scheduler")
+        assert scheduler.config.sigma_data == 0.5 and scheduler.config.prediction_type == "epsilon"
+        scheduler.set_timesteps(3)
+        x = torch.randn(1, unet.config.in_channels, 16, 16) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            with torch.no_grad():
+                x = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
+        assert torch.isfinite(x).all()
+    elif options:  # a checkpoint of such a run is a DDPMPipeline that samples with the target it was trained for
         from diffusers import DDPMPipeline
 
         pipeline = DDPMPipeline.from_pretrained(halves / f"checkpoint-step-{steps}")

@@ -164,3 +164,54 @@ def test_repaint_of_a_v_model_steps_as_on_the_noise_its_v_implies():
     steps = [s.step(out, t, x_t, image, keep, generator=torch.Generator().manual_seed(0)).prev_sample
              for s, out in ((v_sampler, v), (eps_sampler, noise))]
     torch.testing.assert_close(steps[0], steps[1], atol=1e-5, rtol=1e-5)
+
+
+def karras_heun(denoise, noise: torch.Tensor, steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> torch.Tensor:
+    """EDM's Algorithm 1 (deterministic Heun on the rho-7 noise levels), written out from the paper in float64."""
+    i = torch.arange(steps, dtype=torch.float64)
+    t = (sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    x = noise.double() * t[0]
+    for k in range(steps):
+        d = (x - denoise(x, t[k])) / t[k]
+        x_next = x + (t[k + 1] - t[k]) * d
+        if k < steps - 1:
+            x_next = x + (t[k + 1] - t[k]) * (d + (x_next - denoise(x_next, t[k + 1])) / t[k + 1]) / 2
+        x = x_next
+    return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def test_an_edm_models_heun_is_karras_algorithm_1_and_its_images_are_addressed_by_seed(unet):
+    """--parameterization edm: EDMHeunScheduler reproduces the paper's sampler with the preconditioning written out
+    (sigma_data 0.5, c_noise = ln(sigma) / 4); SDEdit runs its last share of steps; DDPM samplers are refused."""
+    from diffusers import EDMEulerScheduler
+
+    from config import UserError
+
+    trained = EDMEulerScheduler(sigma_data=0.5).config
+
+    def denoise(x, sigma):
+        c_in, c_skip = 1 / (sigma ** 2 + 0.25).sqrt(), 0.25 / (sigma ** 2 + 0.25)
+        c_out = sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
+        with torch.no_grad():
+            out = unet((c_in * x).float(), (sigma.log() / 4).float().expand(len(x))).sample.double()
+        return c_skip * x + c_out * out
+
+    seeds = [3, 4, 5]
+    heun = sampling.make_sampler("heun", trained)
+    ours = sampling.generate(unet, heun, seeds, 5, 3, progress=False)
+    reference = karras_heun(denoise, sampling.initial_noise(sampling.seeded_generators(seeds), (3, 16, 16)), 5)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sampling.generate(unet, heun, seeds[1:2], 5, 1, progress=False), ours[1:2], atol=1e-4, rtol=0)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    full = sampling.generate(unet, heun, [5, 6], 5, 2, progress=False, known=sampling.Known(images, strength=1.0))
+    plain = sampling.generate(unet, heun, [5, 6], 5, 2, progress=False)
+    assert torch.equal(full, plain)
+    edited = sampling.generate(unet, heun, [5, 6], 5, 2, progress=False, known=sampling.Known(images, strength=0.4))
+    assert torch.isfinite(edited).all() and not torch.allclose(edited, plain, atol=1e-2)
+    for name in ("euler", "dpmsolver++"):
+        assert torch.isfinite(sampling.generate(unet, sampling.make_sampler(name, trained), seeds, 6, 3,
+                                                progress=False)).all()
+    for name in ("ddim", sampling.REPAINT):
+        with pytest.raises(UserError, match="parameterization edm"):
+            sampling.make_sampler(name, trained)
