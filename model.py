@@ -197,14 +197,15 @@ def _load_pipeline(path: str, flag: str, dtype, where: str) -> SavedModel:
 
 def _load_parts(folder: Path, dtype) -> SavedModel:
     """A folder holding a diffusers unet/ and maybe scheduler/ (the default DDPM schedule without one)."""
+    import diffusers
     from diffusers import DDPMScheduler, UNet2DModel
 
     unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=dtype or torch.float32)
-    import diffusers
-
     saved = folder / "scheduler" / "scheduler_config.json"
-    kind = getattr(diffusers, json.loads(saved.read_text()).get("_class_name", ""), DDPMScheduler) if saved.exists() else None
-    schedule = kind.from_pretrained(folder / "scheduler") if kind else DDPMScheduler()
+    schedule = DDPMScheduler()
+    if saved.exists():  # the class it was saved as: DDPMScheduler, or EDMEulerScheduler (--parameterization edm)
+        kind = getattr(diffusers, json.loads(saved.read_text()).get("_class_name", ""), DDPMScheduler)
+        schedule = kind.from_pretrained(saved.parent)
     return SavedModel(unet.eval(), schedule.config, _record_beside(folder), folder=folder)
 
 
