@@ -136,21 +136,23 @@ def is_edm(trained_scheduler_config) -> bool:
     return "sigma_data" in trained_scheduler_config
 
 
-def make_sampler(name: str, trained_scheduler_config) -> SchedulerMixin:
+def make_sampler(name: str, trained_scheduler_config, **overrides) -> SchedulerMixin:
     """A sampler built from the noise schedule the model was trained with (REPAINT: diffusers' RePaintScheduler, on
-    the noise the model's epsilon or v implies; an EDM model: EDM_SAMPLER_CLASSES)."""
+    the noise the model's epsilon or v implies; an EDM model: EDM_SAMPLER_CLASSES); overrides: diffusers scheduler
+    settings over the toolkit's own (bench/samplers.py)."""
     if is_edm(trained_scheduler_config):
         if name not in EDM_SAMPLER_CLASSES:
             what = "inpainting (RePaint) needs" if name == REPAINT else f"--scheduler {name} samples"
             raise UserError(f"{what} a DDPM model, and this one was trained with --parameterization edm; use "
                             f"--scheduler {', '.join(EDM_SAMPLERS)}" + (" or --init_image" if name == REPAINT else ""))
         cls, settings = EDM_SAMPLER_CLASSES[name]
-        return cls.from_config(trained_scheduler_config, **settings)
+        return cls.from_config(trained_scheduler_config, **{**settings, **overrides})
     if name == REPAINT:
         velocity = trained_scheduler_config.get("prediction_type") == "v_prediction"
-        return (VelocityRePaintScheduler if velocity else RePaintScheduler).from_config(trained_scheduler_config)
+        return (VelocityRePaintScheduler if velocity else RePaintScheduler).from_config(trained_scheduler_config,
+                                                                                        **overrides)
     cls, settings = SAMPLER_CLASSES[name]
-    return cls.from_config(trained_scheduler_config, **settings)
+    return cls.from_config(trained_scheduler_config, **{**settings, **overrides})
 
 
 def default_steps(name: str, num_train_timesteps: int) -> int:

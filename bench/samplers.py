@@ -7,8 +7,8 @@ With --ema_lengths, the model's weights are each post-hoc EMA rebuilt from the r
 --ema_snapshots; the folder ema_snapshots/ beside final_model/) instead of final_model's own EMA.
 
 A sampler is NAME:STEPS[:SETTING=VALUE...]: one of inference.py's --scheduler names, its denoising steps, and
-diffusers scheduler settings over the toolkit's own (sampling.SAMPLER_CLASSES; for a --parameterization edm model,
-sampling.EDM_SAMPLER_CLASSES), such as clip_sample=False,
+diffusers scheduler settings over the toolkit's own (sampling.make_sampler, which picks the EDM
+samplers for a --parameterization edm model), such as clip_sample=False,
 use_karras_sigmas=True or timestep_spacing=trailing. Each draws --num_samples images from seeds 0, 1, ... (the same
 initial noise for every sampler) and prints the distance, confidence and class entropy, and the network evaluations
 per image (Heun's second order costs two a step but the last).
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     import quality
     from ema import reconstruct
     from model import load_model
-    from sampling import EDM_SAMPLER_CLASSES, SAMPLER_CLASSES, generate, is_edm, to_uint8
+    from sampling import generate, make_sampler, to_uint8
 
     torch.set_num_threads(args.threads)
     images, labels, classes = quality.load_labelled(args.data, 16)
@@ -72,8 +72,7 @@ def main(argv=None) -> int:
         if length is not None:
             saved.unet.load_state_dict(reconstruct(snapshots, length)[0])
         name, steps, extra = parse_sampler(text)
-        cls, settings = (EDM_SAMPLER_CLASSES if is_edm(saved.schedule) else SAMPLER_CLASSES)[name]
-        sampler = cls.from_config(saved.schedule, **{**settings, **extra})
+        sampler = make_sampler(name, saved.schedule, **extra)
         started = time.perf_counter()
         calls = []
         forward = saved.unet.forward
@@ -99,4 +98,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from config import exit_code
+
+    sys.exit(exit_code(main))  # a sampler the model cannot use: one error line, exit 2
