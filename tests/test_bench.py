@@ -17,6 +17,7 @@ from conftest import ROOT, make_bars_folder, save_tiny_pipeline
 
 sys.path.insert(0, str(ROOT / "bench"))
 
+import digits  # noqa: E402
 import eval_throughput  # noqa: E402
 import fine_tune  # noqa: E402
 import inpaint  # noqa: E402
@@ -108,6 +109,42 @@ def test_quality_and_samplers(letters, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("ddim:2 ") and " 2 evals " in lines[0] and "distance" in lines[0]
     assert lines[1].startswith("heun:2:use_karras_sigmas=True ") and " 3 evals " in lines[1]
+
+
+def test_the_shipped_judge_is_used_for_its_data_and_no_other(tmp_path, monkeypatch):
+    """A judge in bench/judges/ named for the data's fingerprint is loaded, not retrained (so distances compare across
+    machines); data of another fingerprint trains its own. And the shipped files load into the judge's network."""
+    import torch
+
+    for shipped in sorted((ROOT / "bench" / "judges").glob("classifier-*.pt")):
+        state = torch.load(shipped)["state"]
+        classes = state[next(k for k in reversed(state) if k.endswith("weight"))].shape[0]
+        quality.make_classifier(classes, 16).load_state_dict(state)
+    images = np.random.default_rng(0).integers(0, 256, (20, 16, 16), dtype=np.uint8)
+    labels = np.arange(20) % 2
+    name = f"classifier-{quality.fingerprint(images)}.pt"
+    monkeypatch.setattr(quality, "SHIPPED_JUDGES", tmp_path / "shipped")
+    (tmp_path / "shipped").mkdir()
+    torch.save({"state": quality.make_classifier(2, 16).state_dict(), "accuracy": 0.123}, tmp_path / "shipped" / name)
+    assert quality.train_classifier(images, labels, 2, tmp_path / "cache" / name)[1] == 0.123
+    assert not (tmp_path / "cache").exists()  # loaded, not trained and cached
+    other = f"classifier-{quality.fingerprint(images[1:])}.pt"
+    _, accuracy = quality.train_classifier(images[1:], labels[1:], 2, tmp_path / "cache" / other)
+    assert accuracy != 0.123 and (tmp_path / "cache" / other).exists()
+
+
+def test_digits_are_written_as_16px_folders_per_class(tmp_path, capsys):
+    import gzip
+
+    rows = [[16] * 64 + [3], [0] * 32 + [8] * 32 + [7]]
+    data = gzip.compress("\n".join(",".join(map(str, row)) for row in rows).encode())
+    assert digits.write_digits(data, tmp_path / "d") == 2
+    three = np.asarray(Image.open(tmp_path / "d" / "3" / "0000.png"))
+    assert three.shape == (16, 16) and three.min() == 255
+    half = np.asarray(Image.open(tmp_path / "d" / "7" / "0001.png")).astype(int)
+    assert half[:6].max() == 0 and 120 <= half[-1].mean() <= 135  # top half black, bottom half grey level 8
+    assert digits.main(["--out", str(tmp_path / "d")]) == 2  # never written over
+    assert "is not empty" in capsys.readouterr().err
 
 
 def test_edm_parts_swap_and_train(letters, tmp_path):
