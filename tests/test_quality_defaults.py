@@ -179,7 +179,30 @@ def test_v_prediction_trains_on_lognormal_timesteps_by_default_and_epsilon_on_un
     assert resolved() == ("v_prediction", "lognormal", 0.9)
     assert resolved("--prediction_type", "epsilon") == ("epsilon", "uniform", 0.9)
     assert resolved("--timestep_sampling", "uniform") == ("v_prediction", "uniform", 0.9)
-    assert config.EARLIER_DEFAULTS == {"prediction_type": "epsilon", "timestep_sampling": "uniform", "adam_beta1": 0.95}
+    assert config.EARLIER_DEFAULTS == {"prediction_type": "epsilon", "timestep_sampling": "uniform", "adam_beta1": 0.95,
+                                       "lognormal_mean": -1.2}
+
+
+def test_the_lognormal_centre_follows_the_loss_weight_and_an_earlier_run_keeps_edms():
+    """lognormal_mean auto: -ln(gamma) / 2, the peak of the min-SNR weight times c_out^2 (for any sigma_data), on both
+    paths; EDM's -1.2 with EDM's own weight or no min-SNR; a number given is kept; a config.json of an earlier version
+    (no such field) resumes with the -1.2 it trained with."""
+    def resolved(*argv):
+        cfg, _ = train_ddpm.parse_config(list(argv))
+        run = config.resolve(cfg, count_parameters, channels=1, batches_per_epoch=10)
+        return run.cfg.training.lognormal_mean, run.chosen.get("lognormal_mean")
+
+    assert resolved() == (-0.8, -0.8) and resolved("--parameterization", "edm") == (-0.8, -0.8)
+    assert resolved("--snr_gamma", "2") == (-0.35, -0.35)
+    assert resolved("--loss_weighting", "edm") == (-1.2, -1.2) and resolved("--snr_gamma", "none") == (-1.2, -1.2)
+    assert resolved("--lognormal_mean", "-1.0") == (-1.0, None)
+    assert resolved("--prediction_type", "epsilon") == (-0.8, None)  # uniform timesteps: not used, not reported
+    for sigma_data in (0.5, 1.0):  # the peak of min(1 / sigma^2, 5) sigma^2 sd^2 / (sigma^2 + sd^2) over ln(sigma)
+        log_sigma = torch.linspace(-6, 5, 110_001, dtype=torch.float64)
+        s2 = log_sigma.exp() ** 2
+        weight = (1 / s2).clamp(max=5) * s2 * sigma_data ** 2 / (s2 + sigma_data ** 2)
+        assert abs(log_sigma[weight.argmax()].item() - -0.8) < 0.01
+    assert config.EARLIER_DEFAULTS["lognormal_mean"] == -1.2
 
 
 def test_a_config_json_of_an_earlier_version_keeps_the_defaults_it_trained_with(tmp_path):
