@@ -13,6 +13,10 @@ Every method gets the same input: the letter with the hole filled with the train
   mean:    that input as it is.
   nearest: the hole filled from the training letter whose kept pixels are nearest (L2): no model, only the data; its
            score shows how much the kept pixels say of the letter (a left half shared by several letters caps it).
+  ceiling: no fill, a reading of what the kept pixels say: a classifier of the judge's kind trained (same nine tenths)
+           on the mean-filled letters gives p(letter | kept pixels). `most likely` is its accuracy, what always
+           painting the likeliest letter would read; `posterior draw`, the mean p(true letter | kept), is what an exact
+           sampler of the letters that fit would read on average, and so what RePaint can be asked for.
   sdedit:  inference.py --init_image at each --sdedit_strengths (DDIM 50 steps: about 50 x strength evaluations).
   repaint: inference.py --inpaint with the mask (defaults: 250 steps, jumps of 10 drawn 10 times, about 2,400
            evaluations a letter), once per --repaint_args variant (extra inference.py flags, such as "--eta 1").
@@ -122,6 +126,28 @@ def nearest_fill(letters: np.ndarray, painted: np.ndarray, pool: np.ndarray) -> 
     return np.where(painted, pool[distance.argmin(1)], letters)
 
 
+def kept_pixels_reading(probabilities: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """From p(letter | kept pixels) [N, classes]: the share whose likeliest letter is the true one, and the mean
+    probability of the true letter (the expected score of drawing each letter from that distribution)."""
+    return (float((probabilities.argmax(1) == truth).mean()),
+            float(probabilities[np.arange(len(truth)), truth].mean()))
+
+
+def kept_pixels_ceiling(images, labels, num_classes: int, filled_all: np.ndarray, test: np.ndarray,
+                        path: Path) -> tuple[float, float]:
+    """kept_pixels_reading of the held-out `test` letters by a classifier trained on `filled_all` (every letter with
+    the hole mean-filled; train_classifier holds out the same tenth as the judge, so `test` is unseen)."""
+    import torch
+
+    import quality
+
+    classifier, _ = quality.train_classifier(filled_all, labels, num_classes, path)
+    with torch.no_grad():
+        x = torch.from_numpy(filled_all[test]).float().div(127.5).sub(1).unsqueeze(1)
+        probabilities = torch.softmax(classifier(x), 1).numpy()
+    return kept_pixels_reading(probabilities, labels[test])
+
+
 def run_inference(argv: list) -> Path:
     """inference.py in this process; returns its output folder."""
     import inference
@@ -212,8 +238,13 @@ def main(argv=None) -> int:
             methods[name], seconds[name] = read_results(folder), time.time() - started
 
         real_seam = seam(real, painted)
+        likeliest, posterior = kept_pixels_ceiling(
+            images, labels, len(classes), np.where(painted, mean_image, images), test,
+            Path(args.judge_dir) / f"kept-{kind}-{quality.fingerprint(images)}.pt")
         print(f"\n{kind} ({int(painted.sum())} pixels painted), {len(test)} letters; real letters: letter "
               f"{(quality.judge(classifier, real)[1].argmax(1) == truth).mean():.3f}, seam {real_seam:.1f}")
+        print(f"  ceiling, what the kept pixels say (a classifier of them alone): most likely letter {likeliest:.3f}, "
+              f"posterior draw {posterior:.3f} (an exact sampler's expected letter score)")
         width = max(map(len, methods))
         print(f"  {'method':{width}s} {'letter':>6s} {'seam':>6s} {'hole error':>10s} {'minutes':>8s}")
         for name, result in methods.items():
@@ -222,6 +253,7 @@ def main(argv=None) -> int:
                    "letter": float((quality.judge(classifier, result)[1].argmax(1) == truth).mean()),
                    "seam": seam(result, painted), "real_seam": real_seam,
                    "hole_error": float(np.abs(result.astype(np.float64) - real)[:, painted].mean()),
+                   "ceiling_likeliest": likeliest, "ceiling_posterior": posterior,
                    "minutes": round(seconds[name] / 60, 1)}
             print(f"  {name:{width}s} {row['letter']:6.3f} {row['seam']:6.1f} {row['hole_error']:10.1f} "
                   f"{row['minutes']:8.1f}")

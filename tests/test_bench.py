@@ -205,6 +205,10 @@ def test_inpaint(letters, tmp_path, capsys):
     assert [r["method"] for r in rows[:4]] == ["mean", "nearest", "sdedit 0.5",
                                                "repaint --num_inference_steps 4 --jump_length 2 --jump_n_sample 2"]
     assert len(rows) == 8 and all(0 <= r["letter"] <= 1 and r["seam"] >= 0 for r in rows)
+    assert all(0 <= r["ceiling_likeliest"] <= 1 and 0 <= r["ceiling_posterior"] <= 1 for r in rows)
+    assert "ceiling, what the kept pixels say" in printed and len(list((tmp_path / "judge").glob("kept-*.pt"))) == 2
+    # The ceiling's reading: the likeliest letter's accuracy, and the mean probability of the true letter.
+    assert inpaint.kept_pixels_reading(np.array([[0.6, 0.4], [0.3, 0.7]]), np.array([0, 0])) == pytest.approx((0.5, 0.45))
     # The seam: |kept - painted| over the pixel pairs the border cuts (right half: the 16 pairs of columns 7 and 8).
     # The nearest fill: the hole from the pool letter that agrees best outside it, the kept pixels untouched.
     letters, pool = np.zeros((1, 16, 16), np.uint8), np.zeros((2, 16, 16), np.uint8)
