@@ -174,17 +174,18 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, p
     import torch
     import torch.nn.functional as F
 
-    model = make_classifier(num_classes, images.shape[-1])
     shipped = SHIPPED_JUDGES / path.name
     if shipped.exists() or path.exists():
+        model = make_classifier(num_classes, images.shape[-1])
         saved = torch.load(shipped if shipped.exists() else path)
         model.load_state_dict(saved["state"])
         return model.eval(), saved["accuracy"]
+    torch.manual_seed(0)  # before the weights are drawn: the same data gives the same judge in any process
+    model = make_classifier(num_classes, images.shape[-1])
     generator = torch.Generator().manual_seed(0)
     held_out, train = judge_split(len(images), generator)
     x = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
     y = torch.from_numpy(labels)
-    torch.manual_seed(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     epochs = 20
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=epochs * math.ceil(len(train) / 128))

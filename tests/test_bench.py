@@ -129,8 +129,12 @@ def test_the_shipped_judge_is_used_for_its_data_and_no_other(tmp_path, monkeypat
     assert quality.train_classifier(images, labels, 2, tmp_path / "cache" / name)[1] == 0.123
     assert not (tmp_path / "cache").exists()  # loaded, not trained and cached
     other = f"classifier-{quality.fingerprint(images[1:])}.pt"
-    _, accuracy = quality.train_classifier(images[1:], labels[1:], 2, tmp_path / "cache" / other)
+    torch.manual_seed(1)
+    first, accuracy = quality.train_classifier(images[1:], labels[1:], 2, tmp_path / "cache" / other)
     assert accuracy != 0.123 and (tmp_path / "cache" / other).exists()
+    torch.rand(5)  # another process's random state: the same data still trains the same judge
+    again, _ = quality.train_classifier(images[1:], labels[1:], 2, tmp_path / "again" / other)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
 
 
 def test_digits_are_written_as_16px_folders_per_class(tmp_path, capsys):
