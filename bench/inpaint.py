@@ -133,7 +133,7 @@ def kept_pixels_reading(probabilities: np.ndarray, truth: np.ndarray) -> tuple[f
             float(probabilities[np.arange(len(truth)), truth].mean()))
 
 
-def kept_pixels_ceiling(images, labels, num_classes: int, filled_all: np.ndarray, test: np.ndarray,
+def kept_pixels_ceiling(labels: np.ndarray, num_classes: int, filled_all: np.ndarray, test: np.ndarray,
                         path: Path) -> tuple[float, float]:
     """kept_pixels_reading of the held-out `test` letters by a classifier trained on `filled_all` (every letter with
     the hole mean-filled; train_classifier holds out the same tenth as the judge, so `test` is unseen)."""
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
 
         real_seam = seam(real, painted)
         likeliest, posterior = kept_pixels_ceiling(
-            images, labels, len(classes), np.where(painted, mean_image, images), test,
+            labels, len(classes), np.where(painted, mean_image, images), test,
             Path(args.judge_dir) / f"kept-{kind}-{quality.fingerprint(images)}.pt")
         print(f"\n{kind} ({int(painted.sum())} pixels painted), {len(test)} letters; real letters: letter "
               f"{(quality.judge(classifier, real)[1].argmax(1) == truth).mean():.3f}, seam {real_seam:.1f}")
