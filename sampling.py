@@ -35,6 +35,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
@@ -121,6 +122,63 @@ class EDMHeunScheduler(EDMEulerScheduler):
         return EDMEulerSchedulerOutput(prev_sample, denoised) if return_dict else (prev_sample, denoised)
 
 
+class EDMRePaintScheduler(EDMEulerScheduler):
+    """RePaint (Lugmayr et al. 2022) for a model trained with --parameterization edm: RePaintScheduler's schedule of
+    jumps back in time (its own set_timesteps, on num_inference_steps levels), laid on EDMEulerScheduler's rho-7 noise
+    levels and its preconditioning, with RePaint's steps written for x = x0 + sigma n.
+
+    A step from sigma to the next level sigma' is DDIM's (Euler's) in the painted region: x' = D + sigma_down / sigma
+    (x - D) + sigma_up z, with sigma_up = eta sigma' sqrt(1 - sigma'^2 / sigma^2) and sigma_down^2 = sigma'^2 -
+    sigma_up^2 (eta 0: deterministic; 1: ancestral, as RePaintScheduler's eta); the kept region becomes the image
+    plus sigma' z (the same z, as RePaintScheduler reuses its noise), so at the last level, 0, it is the image
+    itself. A jump back one level adds sqrt(sigma^2 - sigma'^2) of fresh noise."""
+
+    eta = 0.0  # set by sample_images, as RePaintPipeline sets RePaintScheduler's
+
+    @property
+    def init_noise_sigma(self):
+        return self.config.sigma_max
+
+    def set_timesteps(self, num_inference_steps: int = None, jump_length: int = 10, jump_n_sample: int = 10,
+                      device=None):
+        super().set_timesteps(num_inference_steps)  # the n levels from sigma_max to sigma_min, then 0
+        jumps = RePaintScheduler(num_train_timesteps=num_inference_steps)
+        jumps.set_timesteps(num_inference_steps, jump_length, jump_n_sample)
+        levels = jumps.timesteps.tolist()  # n - 1 down to 0, going back up jump_length at a time
+        sigma = self.sigmas.flip(0)  # sigma[level + 1]: level -1 is 0, level n - 1 is sigma_max
+        # Each visit moves the sample from one level to another: a step down from its level v to v - 1; a jump back
+        # undoes the step before it (from v - 2 to v - 1), so that the next step down starts where the jumps ended.
+        self.moves = [(sigma[v + 1], sigma[v]) if k == 0 or v < levels[k - 1] else (sigma[v - 1], sigma[v])
+                      for k, v in enumerate(levels)]
+        self.timesteps = self.precondition_noise(sigma[torch.tensor(levels) + 1]).to(device)  # up entries rise
+        self._position = 0
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return self.precondition_inputs(sample, self.moves[self._position][0])
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, original_image: torch.Tensor = None,
+             mask: torch.Tensor = None, generator=None, return_dict: bool = True):
+        sigma, sigma_next = self.moves[self._position]
+        self._position += 1
+        denoised = self.precondition_outputs(sample, model_output, sigma)
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        up = min(sigma_next, self.eta * sigma_next * (1 - sigma_next ** 2 / sigma ** 2) ** 0.5)
+        down = (sigma_next ** 2 - up ** 2) ** 0.5
+        painted = denoised + down / sigma * (sample - denoised) + up * noise
+        kept = original_image + sigma_next * noise
+        prev_sample = mask * kept + (1 - mask) * painted
+        return EDMEulerSchedulerOutput(prev_sample, denoised) if return_dict else (prev_sample, denoised)
+
+    def undo_step(self, sample: torch.Tensor, timestep=None, generator=None) -> torch.Tensor:
+        sigma, sigma_up = self.moves[self._position]
+        self._position += 1
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        return sample + (sigma_up ** 2 - sigma ** 2) ** 0.5 * noise
+
+
+REPAINT_SCHEDULERS = (RePaintScheduler, EDMRePaintScheduler)  # set up with jumps, given the image and mask
+
+
 # name -> (scheduler class, settings) for a model trained with --parameterization edm, whose saved scheduler is
 # diffusers' EDMEulerScheduler: Heun as EDM samples, and the EDM samplers diffusers ships.
 EDM_SAMPLER_CLASSES: dict[str, tuple[type[SchedulerMixin], dict]] = {
@@ -138,13 +196,14 @@ def is_edm(trained_scheduler_config) -> bool:
 
 def make_sampler(name: str, trained_scheduler_config, **overrides) -> SchedulerMixin:
     """A sampler built from the noise schedule the model was trained with (REPAINT: diffusers' RePaintScheduler, on
-    the noise the model's epsilon or v implies; an EDM model: EDM_SAMPLER_CLASSES); overrides: diffusers scheduler
+    the noise the model's epsilon or v implies, or EDMRePaintScheduler; an EDM model: EDM_SAMPLER_CLASSES); overrides: diffusers scheduler
     settings over the toolkit's own (bench/samplers.py)."""
     if is_edm(trained_scheduler_config):
+        if name == REPAINT:
+            return EDMRePaintScheduler.from_config(trained_scheduler_config, **overrides)
         if name not in EDM_SAMPLER_CLASSES:
-            what = "inpainting (RePaint) needs" if name == REPAINT else f"--scheduler {name} samples"
-            raise UserError(f"{what} a DDPM model, and this one was trained with --parameterization edm; use "
-                            f"--scheduler {', '.join(EDM_SAMPLERS)}" + (" or --init_image" if name == REPAINT else ""))
+            raise UserError(f"--scheduler {name} samples a DDPM model, and this one was trained with "
+                            f"--parameterization edm; use --scheduler {', '.join(EDM_SAMPLERS)}")
         cls, settings = EDM_SAMPLER_CLASSES[name]
         return cls.from_config(trained_scheduler_config, **{**settings, **overrides})
     if name == REPAINT:
@@ -204,7 +263,7 @@ class Known:
     share of the schedule back, and takes that share of the steps (edit_steps); strength 1 is plain generation
     from the seed's noise (as diffusers' inpainting pipelines start at full strength).
     RePaint (Lugmayr et al. 2022), `keep` [N,1,H,W] (1 where the image is kept, 0 where the model paints), with a
-    RePaintScheduler: its step puts the image, noised to the step's level, into the kept region, so the kept
+    RePaintScheduler (EDMRePaintScheduler for an EDM model): its step puts the image, noised to the step's level, into the kept region, so the kept
     pixels come back exactly at t = 0; its timesteps jump back in time (jump_length steps, jump_n_sample times),
     and the loop noises the sample forward again there, so the painted region agrees with the kept one.
     """
@@ -221,7 +280,7 @@ class Known:
 
 def _timesteps(sampler: SchedulerMixin, num_inference_steps: int, known: Optional[Known]) -> torch.Tensor:
     """Set the sampler up for one batch and return the timesteps to visit, in order (RePaint's go back and forth)."""
-    if isinstance(sampler, RePaintScheduler):
+    if isinstance(sampler, REPAINT_SCHEDULERS):
         sampler.set_timesteps(num_inference_steps, known.jump_length, known.jump_n_sample)
         return sampler.timesteps
     sampler.set_timesteps(num_inference_steps)
@@ -291,7 +350,7 @@ def _denoise(unet, sampler: SchedulerMixin, noise: torch.Tensor, generators: lis
     x = _start(sampler, noise, timesteps, known).to(device)  # the latents stay float32 for an exact sampler
     if "generator" in inspect.signature(sampler.step).parameters:
         step_kwargs = {**step_kwargs, "generator": generators}
-    if known is not None and known.keep is not None:  # RePaintScheduler.step merges the kept region itself
+    if known is not None and known.keep is not None:  # RePaint's step merges the kept region itself
         step_kwargs = {**step_kwargs, "original_image": known.images.to(device), "mask": known.keep.to(device)}
     previous = None
     for t in timesteps:
@@ -317,7 +376,7 @@ def sample_images(unet, sampler: SchedulerMixin, noise: torch.Tensor, generators
     unchanged.
     """
     step_kwargs = {"eta": eta} if isinstance(sampler, DDIMScheduler) else {}
-    if isinstance(sampler, RePaintScheduler):
+    if isinstance(sampler, REPAINT_SCHEDULERS):
         sampler.eta = eta  # its step reads the attribute, which RePaintPipeline sets so too
     done: list[torch.Tensor] = []
     with tqdm(total=len(noise), desc=desc, unit="img", disable=not progress, leave=False) as bar:

@@ -1,5 +1,5 @@
 """Editing a user's images with inference.py, in-process on untrained tiny models: inpainting (RePaint) keeps the
-kept pixels exactly, in greyscale and RGB; each result is addressed by (image, seed) whatever the batch; SDEdit at
+kept pixels exactly, in greyscale and RGB, for DDPM and --parameterization edm models; each result is addressed by (image, seed) whatever the batch; SDEdit at
 strength 1 is plain generation. (The bad inputs are in test_bad_input.py; what it draws, in bench/inpaint.py.)"""
 
 from __future__ import annotations
@@ -15,15 +15,16 @@ import dataset
 import inference
 from conftest import call, save_tiny_pipeline
 
-# Cheap RePaint: 6 steps, one jump back of 3 steps drawn twice (13 network evaluations an image).
+# Cheap RePaint: 6 steps, one jump back of 3 steps drawn twice (9 network evaluations an image).
 QUICK_REPAINT = ["--num_inference_steps", "6", "--jump_length", "3", "--jump_n_sample", "2"]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[int, Path]:
-    """Untrained 16px pipelines by channel count."""
+def models(tmp_path_factory) -> dict:
+    """Untrained 16px pipelines by channel count, and "edm": an RGB one saved as a --parameterization edm run."""
     root = tmp_path_factory.mktemp("models")
-    return {channels: save_tiny_pipeline(root / f"c{channels}", size=16, channels=channels) for channels in (1, 3)}
+    return {**{channels: save_tiny_pipeline(root / f"c{channels}", size=16, channels=channels) for channels in (1, 3)},
+            "edm": save_tiny_pipeline(root / "edm", size=16, channels=3, edm=True)}
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +56,12 @@ def results(out: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return manifest, pixels
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_inpainting_keeps_the_kept_pixels_exactly(channels, models, photos, capsys, tmp_path):
+@pytest.mark.parametrize("model", [1, 3, "edm"])
+def test_inpainting_keeps_the_kept_pixels_exactly(model, models, photos, capsys, tmp_path):
     images, masks = photos
+    channels = 3 if model == "edm" else model
     out = tmp_path / "out"
-    result = call(inference.main, ["--model_path", models[channels], "--inpaint", images, "--mask", masks,
+    result = call(inference.main, ["--model_path", models[model], "--inpaint", images, "--mask", masks,
                                    "--num_images", 2, *QUICK_REPAINT, "--output_dir", out], capsys)
     assert result.returncode == 0, result.stderr
     manifest, pixels = results(out)
@@ -80,10 +82,12 @@ def test_inpainting_keeps_the_kept_pixels_exactly(channels, models, photos, caps
     assert grid.size == (2 + 4 * 258, 2 + 2 * 258) and grid.mode == ("L" if channels == 1 else "RGB")
 
 
-@pytest.mark.parametrize("mode", [["--inpaint", "{images}", "--mask", "{masks}", *QUICK_REPAINT],
-                                  ["--init_image", "{images}", "--strength", "0.5", "--scheduler", "ddpm",
-                                   "--num_inference_steps", "10"]], ids=["repaint", "sdedit_ddpm"])
-def test_a_result_depends_on_its_image_and_seed_not_on_the_batch(mode, models, photos, capsys, tmp_path):
+@pytest.mark.parametrize("model, mode", [(3, ["--inpaint", "{images}", "--mask", "{masks}", *QUICK_REPAINT]),
+                                         ("edm", ["--inpaint", "{images}", "--mask", "{masks}", *QUICK_REPAINT]),
+                                         (3, ["--init_image", "{images}", "--strength", "0.5", "--scheduler", "ddpm",
+                                              "--num_inference_steps", "10"])],
+                         ids=["repaint", "repaint_edm", "sdedit_ddpm"])
+def test_a_result_depends_on_its_image_and_seed_not_on_the_batch(model, mode, models, photos, capsys, tmp_path):
     """Both samplers draw noise at every step (RePaint also when it jumps back), from each result's own generator."""
     images, masks = photos
     args = [str(a).replace("{images}", str(images)).replace("{masks}", str(masks)) for a in mode]
@@ -91,7 +95,7 @@ def test_a_result_depends_on_its_image_and_seed_not_on_the_batch(mode, models, p
     for name, extra in {"one_by_one": ["--num_images", 3, "--batch_size", 1],
                         "mixed_batches": ["--num_images", 3, "--batch_size", 4],  # a batch spans both images
                         "seed_1_alone": ["--num_images", 1, "--seed", 1, "--batch_size", 8]}.items():
-        result = call(inference.main, ["--model_path", models[3], *args, *extra, "--output_dir", tmp_path / name],
+        result = call(inference.main, ["--model_path", models[model], *args, *extra, "--output_dir", tmp_path / name],
                       capsys)
         assert result.returncode == 0, result.stderr
         runs[name] = results(tmp_path / name)[1]

@@ -212,6 +212,53 @@ def test_an_edm_models_heun_is_karras_algorithm_1_and_its_images_are_addressed_b
     for name in ("euler", "dpmsolver++"):
         assert torch.isfinite(sampling.generate(unet, sampling.make_sampler(name, trained), seeds, 6, 3,
                                                 progress=False)).all()
-    for name in ("ddim", sampling.REPAINT):
-        with pytest.raises(UserError, match="parameterization edm"):
-            sampling.make_sampler(name, trained)
+    with pytest.raises(UserError, match="parameterization edm"):
+        sampling.make_sampler("ddim", trained)
+
+
+def test_repaint_of_an_edm_model_is_euler_where_it_paints_and_the_image_where_it_keeps(unet):
+    """--inpaint on a --parameterization edm model (EDMRePaintScheduler): its visits chain (each starts where the one
+    before ended, from sigma_max to 0, the jumps back rising); with no jumps and nothing kept it is DDIM (Euler) on
+    the rho-7 levels, the preconditioning written out; the kept pixels come back exactly; the batch does not
+    matter."""
+    from diffusers import EDMEulerScheduler
+
+    trained = EDMEulerScheduler(sigma_data=0.5).config
+    sampler = sampling.make_sampler(sampling.REPAINT, trained)
+    assert isinstance(sampler, sampling.EDMRePaintScheduler)
+    sampler.set_timesteps(6, jump_length=3, jump_n_sample=2)  # 5..0, back up to 3, down to 0 again
+    moves, t = sampler.moves, sampler.timesteps
+    assert len(moves) == 12 and moves[0][0] == 80 and moves[-1][1] == 0
+    assert all(start == reached for (_, reached), (start, _) in zip(moves, moves[1:]))
+    ups = [k for k in range(1, len(t)) if t[k] > t[k - 1]]
+    assert ups == [6, 7, 8] and all(moves[k][1] > moves[k][0] for k in ups)
+    assert all(moves[k][1] < moves[k][0] for k in range(len(t)) if k not in ups)
+
+    def denoise(x, sigma):
+        c_in, c_skip = 1 / (sigma ** 2 + 0.25).sqrt(), 0.25 / (sigma ** 2 + 0.25)
+        c_out = sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
+        with torch.no_grad():
+            out = unet((c_in * x).float(), (sigma.log() / 4).float().expand(len(x))).sample.double()
+        return c_skip * x + c_out * out
+
+    seeds, steps = [3, 4, 5], 5
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    nothing_kept = sampling.Known(images, torch.zeros(3, 1, 16, 16), jump_n_sample=1)
+    ours = sampling.generate(unet, sampler, seeds, steps, 3, progress=False, known=nothing_kept)
+    i = torch.arange(steps, dtype=torch.float64)
+    levels = (80 ** (1 / 7) + i / (steps - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    levels = torch.cat([levels, torch.zeros(1, dtype=torch.float64)])
+    x = sampling.initial_noise(sampling.seeded_generators(seeds), (3, 16, 16)).double() * 80
+    for k in range(steps):
+        d = denoise(x, levels[k])
+        x = d + levels[k + 1] / levels[k] * (x - d)
+    torch.testing.assert_close(ours, (x.float() / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=0)
+
+    keep = (torch.rand(3, 1, 16, 16) > 0.5).float()
+    known = sampling.Known(images, keep, jump_length=2, jump_n_sample=3)
+    painted = sampling.generate(unet, sampler, seeds, 8, 3, progress=False, known=known, eta=1.0)
+    kept = keep.expand_as(images).bool()
+    assert torch.equal(painted[kept], (images[kept] / 2 + 0.5).clamp(0, 1))
+    assert (painted[~kept] - (images[~kept] / 2 + 0.5)).abs().mean() > 0.05
+    one_by_one = sampling.generate(unet, sampler, seeds, 8, 1, progress=False, known=known, eta=1.0)
+    torch.testing.assert_close(one_by_one, painted, atol=1e-4, rtol=0)
