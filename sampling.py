@@ -196,8 +196,8 @@ def is_edm(trained_scheduler_config) -> bool:
 
 def make_sampler(name: str, trained_scheduler_config, **overrides) -> SchedulerMixin:
     """A sampler built from the noise schedule the model was trained with (REPAINT: diffusers' RePaintScheduler, on
-    the noise the model's epsilon or v implies, or EDMRePaintScheduler; an EDM model: EDM_SAMPLER_CLASSES); overrides: diffusers scheduler
-    settings over the toolkit's own (bench/samplers.py)."""
+    the noise the model's epsilon or v implies; EDMRePaintScheduler for an EDM model; the other samplers of an EDM
+    model: EDM_SAMPLER_CLASSES); overrides: diffusers scheduler settings over the toolkit's own (bench/samplers.py)."""
     if is_edm(trained_scheduler_config):
         if name == REPAINT:
             return EDMRePaintScheduler.from_config(trained_scheduler_config, **overrides)
@@ -263,9 +263,10 @@ class Known:
     share of the schedule back, and takes that share of the steps (edit_steps); strength 1 is plain generation
     from the seed's noise (as diffusers' inpainting pipelines start at full strength).
     RePaint (Lugmayr et al. 2022), `keep` [N,1,H,W] (1 where the image is kept, 0 where the model paints), with a
-    RePaintScheduler (EDMRePaintScheduler for an EDM model): its step puts the image, noised to the step's level, into the kept region, so the kept
-    pixels come back exactly at t = 0; its timesteps jump back in time (jump_length steps, jump_n_sample times),
-    and the loop noises the sample forward again there, so the painted region agrees with the kept one.
+    RePaintScheduler (EDMRePaintScheduler for an EDM model): its step puts the image, noised to the step's level,
+    into the kept region, so the kept pixels come back exactly at t = 0; its timesteps jump back in time
+    (jump_length steps, jump_n_sample times), and the loop noises the sample forward again there, so the painted
+    region agrees with the kept one.
     """
 
     images: torch.Tensor

@@ -166,11 +166,27 @@ def test_repaint_of_a_v_model_steps_as_on_the_noise_its_v_implies():
     torch.testing.assert_close(steps[0], steps[1], atol=1e-5, rtol=1e-5)
 
 
-def karras_heun(denoise, noise: torch.Tensor, steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> torch.Tensor:
-    """EDM's Algorithm 1 (deterministic Heun on the rho-7 noise levels), written out from the paper in float64."""
+def karras_levels(steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0) -> torch.Tensor:
+    """EDM's rho-7 noise levels from sigma_max to sigma_min, then 0, written out from the paper in float64."""
     i = torch.arange(steps, dtype=torch.float64)
     t = (sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+def edm_denoiser(unet):
+    """D(x, sigma) of a UNet under EDM's preconditioning written out (sigma_data 0.5, c_noise = ln(sigma) / 4)."""
+    def denoise(x, sigma):
+        c_in, c_skip = 1 / (sigma ** 2 + 0.25).sqrt(), 0.25 / (sigma ** 2 + 0.25)
+        c_out = sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
+        with torch.no_grad():
+            out = unet((c_in * x).float(), (sigma.log() / 4).float().expand(len(x))).sample.double()
+        return c_skip * x + c_out * out
+    return denoise
+
+
+def karras_heun(denoise, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """EDM's Algorithm 1 (deterministic Heun on the rho-7 noise levels), written out from the paper in float64."""
+    t = karras_levels(steps)
     x = noise.double() * t[0]
     for k in range(steps):
         d = (x - denoise(x, t[k])) / t[k]
@@ -189,13 +205,7 @@ def test_an_edm_models_heun_is_karras_algorithm_1_and_its_images_are_addressed_b
     from config import UserError
 
     trained = EDMEulerScheduler(sigma_data=0.5).config
-
-    def denoise(x, sigma):
-        c_in, c_skip = 1 / (sigma ** 2 + 0.25).sqrt(), 0.25 / (sigma ** 2 + 0.25)
-        c_out = sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
-        with torch.no_grad():
-            out = unet((c_in * x).float(), (sigma.log() / 4).float().expand(len(x))).sample.double()
-        return c_skip * x + c_out * out
+    denoise = edm_denoiser(unet)
 
     seeds = [3, 4, 5]
     heun = sampling.make_sampler("heun", trained)
@@ -233,21 +243,13 @@ def test_repaint_of_an_edm_model_is_euler_where_it_paints_and_the_image_where_it
     ups = [k for k in range(1, len(t)) if t[k] > t[k - 1]]
     assert ups == [6, 7, 8] and all(moves[k][1] > moves[k][0] for k in ups)
     assert all(moves[k][1] < moves[k][0] for k in range(len(t)) if k not in ups)
-
-    def denoise(x, sigma):
-        c_in, c_skip = 1 / (sigma ** 2 + 0.25).sqrt(), 0.25 / (sigma ** 2 + 0.25)
-        c_out = sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
-        with torch.no_grad():
-            out = unet((c_in * x).float(), (sigma.log() / 4).float().expand(len(x))).sample.double()
-        return c_skip * x + c_out * out
+    denoise = edm_denoiser(unet)
 
     seeds, steps = [3, 4, 5], 5
     images = torch.rand(3, 3, 16, 16) * 2 - 1
     nothing_kept = sampling.Known(images, torch.zeros(3, 1, 16, 16), jump_n_sample=1)
     ours = sampling.generate(unet, sampler, seeds, steps, 3, progress=False, known=nothing_kept)
-    i = torch.arange(steps, dtype=torch.float64)
-    levels = (80 ** (1 / 7) + i / (steps - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
-    levels = torch.cat([levels, torch.zeros(1, dtype=torch.float64)])
+    levels = karras_levels(steps)
     x = sampling.initial_noise(sampling.seeded_generators(seeds), (3, 16, 16)).double() * 80
     for k in range(steps):
         d = denoise(x, levels[k])
