@@ -48,6 +48,17 @@ MASKS = ("right_half", "centre")
 SIZE = 16
 
 
+def sdedit_flags(args) -> list[str]:
+    """--sdedit_args as given, or 50 steps of the deterministic sampler the model has (inference.py refuses DDIM for a
+    --parameterization edm model)."""
+    if args.sdedit_args is not None:
+        return shlex.split(args.sdedit_args)
+    from sampling import is_edm
+
+    trained = json.loads((Path(args.model_path) / "scheduler" / "scheduler_config.json").read_text())
+    return ["--scheduler", "dpmsolver++" if is_edm(trained) else "ddim", "--num_inference_steps", "50"]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "glyphs16"),
@@ -62,8 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--repaint_args", nargs="+", default=[""],
                    help="one RePaint run per value: extra inference.py flags ('' for its defaults)")
     p.add_argument("--sdedit_strengths", type=float, nargs="*", default=[0.5, 0.8])
-    p.add_argument("--sdedit_args", default="--scheduler ddim --num_inference_steps 50",
-                   help="inference.py flags of the SDEdit runs")
+    p.add_argument("--sdedit_args", default=None,
+                   help="inference.py flags of the SDEdit runs (default: 50 steps of the deterministic sampler the "
+                        "model has: DDIM for a DDPM model, DPM-Solver++ for a --parameterization edm one)")
     p.add_argument("--batch_size", type=int, default=150)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--label", default="defaults", help="names this run's outputs")
@@ -228,7 +240,7 @@ def main(argv=None) -> int:
             name = f"sdedit {strength:g}"
             started = time.time()
             folder = run_inference([*common, "--init_image", inputs, "--strength", strength,
-                                    *shlex.split(args.sdedit_args), "--output_dir", work / name.replace(" ", "_")])
+                                    *sdedit_flags(args), "--output_dir", work / name.replace(" ", "_")])
             methods[name], seconds[name] = read_results(folder), time.time() - started
         for variant in args.repaint_args:
             name = f"repaint {variant}".strip()

@@ -185,6 +185,16 @@ def test_fine_tune(tmp_path, capsys):
     assert "best: " in printed and (tmp_path / "out" / "compare-pre2-steps2-seed0.png").exists()
 
 
+def test_inpaints_sdedit_runs_the_deterministic_sampler_each_kind_of_model_has(tmp_path):
+    """DDIM for a DDPM model, DPM-Solver++ for a --parameterization edm one (inference.py refuses DDIM there)."""
+    for edm, scheduler in ((False, "ddim"), (True, "dpmsolver++")):
+        model = save_tiny_pipeline(tmp_path / f"model-{edm}", size=16, channels=1, edm=edm)
+        args = inpaint.parse_args(["--model_path", str(model)])
+        assert inpaint.sdedit_flags(args) == ["--scheduler", scheduler, "--num_inference_steps", "50"]
+    args = inpaint.parse_args(["--model_path", str(model), "--sdedit_args", "--scheduler heun"])
+    assert inpaint.sdedit_flags(args) == ["--scheduler", "heun"]
+
+
 def test_inpaint(letters, tmp_path, capsys):
     """The training folder leaves out exactly the judge's held-out letters; the scores and pictures of each mask."""
     train = tmp_path / "train"
