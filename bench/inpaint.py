@@ -50,12 +50,18 @@ SIZE = 16
 
 def sdedit_flags(args) -> list[str]:
     """--sdedit_args as given, or 50 steps of the deterministic sampler the model has (inference.py refuses DDIM for a
-    --parameterization edm model)."""
+    --parameterization edm model). The model is read by the toolkit's own loader, so a bad --model_path is its
+    one-line error, before any work."""
     if args.sdedit_args is not None:
         return shlex.split(args.sdedit_args)
+    from config import UserError
+    from model import load_model
     from sampling import is_edm
 
-    trained = json.loads((Path(args.model_path) / "scheduler" / "scheduler_config.json").read_text())
+    try:
+        trained = load_model(args.model_path).schedule
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
     return ["--scheduler", "dpmsolver++" if is_edm(trained) else "ddim", "--num_inference_steps", "50"]
 
 
@@ -204,6 +210,7 @@ def main(argv=None) -> int:
         return 0
     if not args.model_path:
         raise SystemExit("pass --model_path (a model trained on --write_training_folder's letters)")
+    sdedit = sdedit_flags(args)
     import torch
     from PIL import Image
 
@@ -240,7 +247,7 @@ def main(argv=None) -> int:
             name = f"sdedit {strength:g}"
             started = time.time()
             folder = run_inference([*common, "--init_image", inputs, "--strength", strength,
-                                    *sdedit_flags(args), "--output_dir", work / name.replace(" ", "_")])
+                                    *sdedit, "--output_dir", work / name.replace(" ", "_")])
             methods[name], seconds[name] = read_results(folder), time.time() - started
         for variant in args.repaint_args:
             name = f"repaint {variant}".strip()

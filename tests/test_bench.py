@@ -193,6 +193,8 @@ def test_inpaints_sdedit_runs_the_deterministic_sampler_each_kind_of_model_has(t
         assert inpaint.sdedit_flags(args) == ["--scheduler", scheduler, "--num_inference_steps", "50"]
     args = inpaint.parse_args(["--model_path", str(model), "--sdedit_args", "--scheduler heun"])
     assert inpaint.sdedit_flags(args) == ["--scheduler", "heun"]
+    with pytest.raises(SystemExit, match="does not exist"):
+        inpaint.sdedit_flags(inpaint.parse_args(["--model_path", str(tmp_path / "missing")]))
 
 
 def test_inpaint(letters, tmp_path, capsys):
