@@ -5,7 +5,8 @@ A checkpoint-*/ folder holds two things:
 - the whole training state for --resume_from_checkpoint (accelerate's save_state: weights, AdamW, EMA, RNGs),
   its weights stored without the `module.` (DDP) or `_orig_mod.` (torch.compile) prefixes, so a checkpoint
   resumes under any process count or compile setting;
-- the EMA UNet as a diffusers DDPMPipeline (model_index.json, unet/, scheduler/), so inference.py --model_path
+- the EMA UNet as a diffusers pipeline (model.save_model: DDPMPipeline, or ConsistencyModelPipeline for
+  --parameterization edm; model_index.json, unet/, scheduler/), so inference.py --model_path
   and train_ddpm.py --pretrained_model_path accept a checkpoint folder as they accept final_model/.
 """
 

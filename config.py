@@ -162,7 +162,7 @@ class SchedulerConfig:
     beta_end: float = 0.02  # last beta
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"  # beta curve
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"  # what the UNet predicts; v (Salimans & Ho 2022) is x0 at high noise and epsilon at low, so it can train on EDM's log-normal noise levels (bench/RESULTS.md); a fine-tune keeps its pretrained model's
-    parameterization: Literal["ddpm", "edm"] = "ddpm"  # ddpm: DDPMScheduler's timesteps (DDPMPipeline samples the saved model); edm: Karras et al.'s continuous log-normal noise levels and preconditioning with --sigma_data, c_noise = ln(sigma) / 4, the UNet predicts EDM's F (--prediction_type does not apply); saved with diffusers' EDMEulerScheduler (samplers: heun, euler, dpmsolver++; no inpainting)
+    parameterization: Literal["ddpm", "edm"] = "ddpm"  # ddpm: DDPMScheduler's timesteps (DDPMPipeline samples the saved model); edm: Karras et al.'s continuous log-normal noise levels and preconditioning with --sigma_data, c_noise = ln(sigma) / 4, the UNet predicts EDM's F (--prediction_type does not apply); saved with diffusers' EDMEulerScheduler as a ConsistencyModelPipeline, which DiffusionPipeline.from_pretrained samples (samplers: heun, euler, dpmsolver++)
 
 
 @dataclass

@@ -86,19 +86,17 @@ def read_images(folder: str):
 
 
 def save_best_ema(model_path: str, snapshots: Path, length: float, folder: Path, metrics: dict) -> None:
-    """The model at model_path with the post-hoc EMA of `length` as its weights, saved whole like final_model/ (a
-    DDPMPipeline and the run's config.json, which records the length and its scores)."""
-    from diffusers import DDPMScheduler
-
+    """The model at model_path with the post-hoc EMA of `length` as its weights, saved whole like final_model/ (its
+    diffusers pipeline and the run's config.json, which records the length and its scores)."""
     from ema import reconstruct
     from files import atomic_folder
-    from model import load_model, save_model
+    from model import load_model, save_model, trained_scheduler
 
     saved = load_model(model_path)  # float32, whatever dtype was scored
     saved.unet.load_state_dict(reconstruct(snapshots, length)[0])
     record = {**(saved.record or {}), "_posthoc_ema": {"length": length, "snapshots": str(snapshots), **metrics}}
     with atomic_folder(folder) as tmp:
-        save_model(tmp, saved.unet, DDPMScheduler.from_config(saved.schedule), record)
+        save_model(tmp, saved.unet, trained_scheduler(saved.schedule), record)
     print(f"saved the model with the best EMA length ({length}) as {folder}")
 
 

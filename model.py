@@ -24,6 +24,9 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 ARCHITECTURE = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
+# The model_index.json class names of the folders save_model writes (pipeline_class): their unet/ and scheduler/ load
+# alike, so load_model reads either through DDPMPipeline.from_pretrained and keeps only the two parts.
+SAVED_PIPELINES = ("DDPMPipeline", "ConsistencyModelPipeline")
 CLASS_NAMES_FILE = "class_names.json"  # in unet/, beside the weights: a class-conditional model's classes
 
 
@@ -90,16 +93,37 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
     return {WRAPPER_PREFIX.sub("", key): value for key, value in state_dict.items()}
 
 
-def save_model(folder: Path, unet, noise_scheduler, record: dict) -> None:
-    """A diffusers DDPMPipeline (model_index.json, unet/, scheduler/; DDPMPipeline.from_pretrained loads it) and the
-    run's config.json, into a folder being written (files.atomic_folder, or a checkpoint's partial folder). A
-    class-conditional UNet gets its class names (and each class's training images) beside its weights, in
-    unet/class_names.json: UNet2DModel.from_pretrained ignores the file and the folder stays a diffusers one."""
-    from diffusers import DDPMPipeline
+def trained_scheduler(schedule):
+    """The scheduler a model was trained with, from its config (SavedModel.schedule): EDMEulerScheduler for a
+    --parameterization edm model (its config has sigma_data), DDPMScheduler otherwise."""
+    from diffusers import DDPMScheduler, EDMEulerScheduler
 
+    from sampling import is_edm
+
+    return (EDMEulerScheduler if is_edm(schedule) else DDPMScheduler).from_config(schedule)
+
+
+def pipeline_class(noise_scheduler):
+    """The diffusers pipeline that samples a model trained with this schedule, and so the class its folder is saved
+    as (model_index.json's _class_name, which DiffusionPipeline.from_pretrained follows):
+    - DDPMScheduler: DDPMPipeline;
+    - EDMEulerScheduler (--parameterization edm): ConsistencyModelPipeline, diffusers' one unconditional pipeline that
+      starts from the scheduler's init_noise_sigma and feeds the UNet scheduler.scale_model_input(x, t), as an EDM
+      model needs. DDPMPipeline does neither: on an EDM model it draws faint, wrong images without an error."""
+    from diffusers import ConsistencyModelPipeline, DDPMPipeline, EDMEulerScheduler
+
+    return ConsistencyModelPipeline if isinstance(noise_scheduler, EDMEulerScheduler) else DDPMPipeline
+
+
+def save_model(folder: Path, unet, noise_scheduler, record: dict) -> None:
+    """A diffusers pipeline folder (model_index.json, unet/, scheduler/; DiffusionPipeline.from_pretrained loads the
+    pipeline_class that samples it) and the run's config.json, into a folder being written (files.atomic_folder, or a
+    checkpoint's partial folder). A class-conditional UNet gets its class names (and each class's training images)
+    beside its weights, in unet/class_names.json: UNet2DModel.from_pretrained ignores the file and the folder stays a
+    diffusers one."""
     from files import write_json
 
-    DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(folder)
+    pipeline_class(noise_scheduler)(unet=unet, scheduler=noise_scheduler).save_pretrained(folder)
     write_json(folder / "config.json", record)
     if unet.config.num_class_embeds:
         facts = record.get("_provenance", {})
@@ -140,7 +164,8 @@ def class_names(unet, folder: Optional[Path]) -> tuple[Optional[list[str]], Opti
 
 def load_model(path: str, flag: str = "--model_path", dtype: Optional[torch.dtype] = None) -> SavedModel:
     """The UNet (in dtype; default float32) and trained schedule of:
-    - a diffusers DDPMPipeline folder: final_model/, best_model/ or a checkpoint-*/ (their EMA weights);
+    - a diffusers DDPMPipeline folder (ConsistencyModelPipeline for --parameterization edm; either class for an
+      edm model saved before that): final_model/, best_model/ or a checkpoint-*/ (their EMA weights);
     - a folder holding a diffusers unet/ (and scheduler/) without the pipeline's model_index.json;
     - a checkpoint of older versions, without unet/: its training weights (model.safetensors) and config.json;
     - a Hugging Face Hub id such as google/ddpm-cifar10-32.
@@ -160,14 +185,15 @@ def load_model(path: str, flag: str = "--model_path", dtype: Optional[torch.dtyp
             index = json.loads((folder / "model_index.json").read_text())
         except (OSError, ValueError):  # unreadable or not JSON
             index = None
-        if isinstance(index, dict) and index.get("_class_name") == "DDPMPipeline":
+        if isinstance(index, dict) and index.get("_class_name") in SAVED_PIPELINES:
             return _load_pipeline(str(folder), flag, dtype, where="could not be loaded")
     elif (folder / "unet" / "config.json").exists():
         return _load_parts(folder, dtype)
     elif (folder / "model.safetensors").exists() and (folder / "config.json").exists():
         return _load_old_checkpoint(folder, dtype)
-    raise UserError(f"{flag} {path} is not a diffusers DDPMPipeline folder (no DDPMPipeline model_index.json); pass "
-                    f"the final_model/ or a checkpoint-*/ folder that train_ddpm.py writes")
+    raise UserError(f"{flag} {path} is not a diffusers DDPMPipeline folder (no model_index.json of a "
+                    f"{' or '.join(SAVED_PIPELINES)}); pass the final_model/ or a checkpoint-*/ folder that "
+                    f"train_ddpm.py writes")
 
 
 def _record_beside(folder: Path) -> Optional[dict]:

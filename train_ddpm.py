@@ -492,7 +492,8 @@ def log_image(accelerator, tag: str, grid: torch.Tensor, step: int) -> None:
 
 
 def save_final_model(accelerator, unet, ema, noise_scheduler, out: Path, record: dict) -> None:
-    """final_model/: a DDPMPipeline with the EMA weights (DDPMPipeline.from_pretrained loads it)."""
+    """final_model/: a diffusers pipeline with the EMA weights (model.save_model: DDPMPipeline.from_pretrained loads a
+    default run, DiffusionPipeline.from_pretrained any)."""
     if accelerator.is_main_process:
         with atomic_folder(out / "final_model") as tmp, ema_weights(ema, unet):
             save_model(tmp, unet, noise_scheduler, record)

@@ -235,20 +235,24 @@ def test_the_one_loader_reads_what_is_on_disk(scored, trained_run, tmp_path):
 
 def test_post_hoc_ema_scores_each_length_and_saves_the_best(scored, inception_weights, tmp_path, capsys):
     """A run that kept EMA snapshots: evaluate.py rebuilds the EMA of each --ema_length from them, scores each with
-    the same seeds, and saves the best as a model of its own."""
+    the same seeds, and saves the best as a model of its own, trained schedule included (an EDM run here: it once
+    came back as a DDPMScheduler, which samples an EDM model into noise)."""
     import train_ddpm
     from conftest import call
+    from model import trained_scheduler
 
     root, untrained, data, _ = scored
     out = tmp_path / "run"
     result = call(train_ddpm.main, [*TINY_8PX, "--train_batch_size", 4, "--num_preview_images", 2,
                                     "--sample_num_inference_steps", 2, "--dataloader_num_workers", 0, "--seed", 7,
                                     "--dataset_name", "custom", "--dataset_path", root / "reference", "--data_dir",
-                                    root / "data", "--output_dir", out, "--max_train_steps", 8, "--ema_snapshots", 4],
+                                    root / "data", "--output_dir", out, "--max_train_steps", 8, "--ema_snapshots", 4,
+                                    "--parameterization", "edm"],
                   capsys)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(list((out / "ema_snapshots").glob("*.safetensors"))) == 8  # 4 times, 2 lengths
-    argv = ["--model_path", out / "final_model", *SAMPLING, *data, "--output_dir", tmp_path / "eval"]
+    edm_sampling = [value if value != "ddim" else "euler" for value in SAMPLING]  # EDM models refuse DDIM
+    argv = ["--model_path", out / "final_model", *edm_sampling, *data, "--output_dir", tmp_path / "eval"]
     result = call(evaluate.main, [*argv, "--ema_length", 0.03, 0.2], capsys)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("EMA length")]
@@ -258,6 +262,10 @@ def test_post_hoc_ema_scores_each_length_and_saves_the_best(scored, inception_we
     assert record["metrics"] == record["model"]["ema_lengths"][str(best)]
     saved = load_model(str(tmp_path / "eval" / "best_ema_model"))
     assert saved.record["_posthoc_ema"]["length"] == best and saved.unet.config.sample_size == 8
+    assert saved.schedule == load_model(str(out / "final_model")).schedule
+    assert type(trained_scheduler(saved.schedule)).__name__ == "EDMEulerScheduler"
+    index = json.loads((tmp_path / "eval" / "best_ema_model" / "model_index.json").read_text())
+    assert index["_class_name"] == "ConsistencyModelPipeline"
     assert not torch.equal(saved.unet.state_dict()["conv_in.weight"],
                            load_model(str(out / "final_model")).unet.state_dict()["conv_in.weight"])
     result = call(evaluate.main, ["--model_path", untrained, "--ema_length", 0.1, "--output_dir", tmp_path / "x"],

@@ -98,19 +98,14 @@ def test_resume_mid_epoch_is_bit_identical(image_folder, tmp_path, accumulation,
     final = load_file(halves / "final_model" / "unet" / "diffusion_pytorch_model.safetensors")
     name = "conv_in.weight"
     assert not torch.equal(final[name], b["model"][name])
-    if options == EDM:  # diffusers' UNet2DModel and EDMEulerScheduler load it and sample it (the README's loop)
-        from diffusers import EDMEulerScheduler, UNet2DModel
+    if options == EDM:  # DiffusionPipeline loads it as the pipeline that samples an EDM model (the README's lines)
+        from diffusers import DiffusionPipeline
 
-        checkpoint = halves / f"checkpoint-step-{steps}"
-        unet = UNet2DModel.from_pretrained(checkpoint / "unet")
-        scheduler = EDMEulerScheduler.from_pretrained(checkpoint / "scheduler")
-        assert scheduler.config.sigma_data == 0.5 and scheduler.config.prediction_type == "epsilon"
-        scheduler.set_timesteps(3)
-        x = torch.randn(1, unet.config.in_channels, 16, 16) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            with torch.no_grad():
-                x = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
-        assert torch.isfinite(x).all()
+        pipeline = DiffusionPipeline.from_pretrained(halves / f"checkpoint-step-{steps}")
+        assert type(pipeline).__name__ == "ConsistencyModelPipeline"  # init_noise_sigma and scale_model_input
+        assert type(pipeline.scheduler).__name__ == "EDMEulerScheduler" and pipeline.scheduler.config.sigma_data == 0.5
+        images = pipeline(batch_size=1, num_inference_steps=3, output_type="np").images
+        assert images.ndim == 4 and np.isfinite(images).all()
     elif options:  # a checkpoint of such a run is a DDPMPipeline that samples with the target it was trained for
         from diffusers import DDPMPipeline
 
