@@ -226,6 +226,27 @@ def test_an_edm_models_heun_is_karras_algorithm_1_and_its_images_are_addressed_b
         sampling.make_sampler("ddim", trained)
 
 
+def test_diffusers_own_pipeline_draws_a_saved_edm_models_images_as_our_euler_does(unet, tmp_path):
+    """model.save_model writes an EDM model as a ConsistencyModelPipeline: DiffusionPipeline.from_pretrained loads
+    it, and from the same noise it draws the images of `inference.py --scheduler euler`. DDPMPipeline, which skips
+    init_noise_sigma and scale_model_input, does not (why an EDM folder is not labelled DDPMPipeline)."""
+    from diffusers import DDPMPipeline, DiffusionPipeline, EDMEulerScheduler
+
+    from model import load_model, save_model
+
+    save_model(tmp_path / "edm", unet, EDMEulerScheduler(sigma_data=0.5), {})
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "edm")
+    assert type(pipeline).__name__ == "ConsistencyModelPipeline"
+    seeds = [3, 4]
+    noise = sampling.initial_noise(sampling.seeded_generators(seeds), (3, 16, 16))
+    theirs = pipeline(batch_size=2, num_inference_steps=6, latents=noise.clone(), output_type="pt").images
+    saved = load_model(str(tmp_path / "edm"))
+    ours = sampling.generate(saved.unet, sampling.make_sampler("euler", saved.schedule), seeds, 6, 2, progress=False)
+    torch.testing.assert_close(theirs.cpu(), ours, atol=1e-5, rtol=0)
+    wrong = DDPMPipeline.from_pretrained(tmp_path / "edm")(batch_size=2, num_inference_steps=6, output_type="np")
+    assert not torch.allclose(torch.as_tensor(wrong.images).permute(0, 3, 1, 2), ours, atol=0.1)
+
+
 def test_repaint_of_an_edm_model_is_euler_where_it_paints_and_the_image_where_it_keeps(unet):
     """--inpaint on a --parameterization edm model (EDMRePaintScheduler): its visits chain (each starts where the one
     before ended, from sigma_max to 0, the jumps back rising); with no jumps and nothing kept it is DDIM (Euler) on
