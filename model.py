@@ -24,9 +24,11 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 ARCHITECTURE = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
-# The model_index.json class names of the folders save_model writes (pipeline_class): their unet/ and scheduler/ load
-# alike, so load_model reads either through DDPMPipeline.from_pretrained and keeps only the two parts.
-SAVED_PIPELINES = ("DDPMPipeline", "ConsistencyModelPipeline")
+# The model_index.json class names of the folders save_model writes (pipeline_class), each with the scheduler class it
+# is written with (None: any; a consistency model's ConsistencyModelPipeline has a CMStochasticIterativeScheduler and
+# is not ours). Their unet/ and scheduler/ load alike, so load_model reads both through DDPMPipeline.from_pretrained
+# and keeps only the two parts.
+SAVED_PIPELINES = {"DDPMPipeline": None, "ConsistencyModelPipeline": "EDMEulerScheduler"}
 CLASS_NAMES_FILE = "class_names.json"  # in unet/, beside the weights: a class-conditional model's classes
 
 
@@ -185,15 +187,28 @@ def load_model(path: str, flag: str = "--model_path", dtype: Optional[torch.dtyp
             index = json.loads((folder / "model_index.json").read_text())
         except (OSError, ValueError):  # unreadable or not JSON
             index = None
-        if isinstance(index, dict) and index.get("_class_name") in SAVED_PIPELINES:
+        if isinstance(index, dict) and _saved_here(folder, index.get("_class_name")):
             return _load_pipeline(str(folder), flag, dtype, where="could not be loaded")
     elif (folder / "unet" / "config.json").exists():
         return _load_parts(folder, dtype)
     elif (folder / "model.safetensors").exists() and (folder / "config.json").exists():
         return _load_old_checkpoint(folder, dtype)
-    raise UserError(f"{flag} {path} is not a diffusers DDPMPipeline folder (no model_index.json of a "
-                    f"{' or '.join(SAVED_PIPELINES)}); pass the final_model/ or a checkpoint-*/ folder that "
-                    f"train_ddpm.py writes")
+    raise UserError(f"{flag} {path} is not a diffusers DDPMPipeline folder (nor a ConsistencyModelPipeline with an "
+                    f"EDMEulerScheduler, as --parameterization edm saves); pass the final_model/ or a checkpoint-*/ "
+                    f"folder that train_ddpm.py writes")
+
+
+def _saved_here(folder: Path, pipeline: Optional[str]) -> bool:
+    """Whether a folder's model_index.json names a pipeline save_model writes, with its scheduler."""
+    if pipeline not in SAVED_PIPELINES:
+        return False
+    if SAVED_PIPELINES[pipeline] is None:
+        return True
+    try:
+        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(scheduler, dict) and scheduler.get("_class_name") == SAVED_PIPELINES[pipeline]
 
 
 def _record_beside(folder: Path) -> Optional[dict]:

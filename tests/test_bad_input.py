@@ -382,6 +382,11 @@ def not_a_pipeline(tmp_path: Path, tiny_run: Path, kind: str) -> Path:
     elif kind == "other_pipeline":
         folder.mkdir()
         (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    elif kind == "consistency_model":  # the class an edm run is saved as, but a consistency model's scheduler
+        shutil.copytree(tiny_run / "final_model", folder)
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "ConsistencyModelPipeline"}))
+        (folder / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps({"_class_name": "CMStochasticIterativeScheduler", "sigma_data": 0.5}))
     elif kind == "weights_missing":
         shutil.copytree(tiny_run / "final_model", folder)
         (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
@@ -389,7 +394,7 @@ def not_a_pipeline(tmp_path: Path, tiny_run: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["image_folder", "run_dir_not_final_model", "broken_model_index", "other_pipeline",
-                                  "weights_missing"])
+                                  "consistency_model", "weights_missing"])
 def test_inference_model_path_not_a_pipeline(kind, tiny_run, capsys, tmp_path):
     folder = not_a_pipeline(tmp_path, tiny_run, kind)
     result = call(inference.main, ["--model_path", folder, "--num_images", "1", "--num_inference_steps", "2",
