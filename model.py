@@ -111,10 +111,14 @@ def pipeline_class(noise_scheduler):
     - DDPMScheduler: DDPMPipeline;
     - EDMEulerScheduler (--parameterization edm): ConsistencyModelPipeline, diffusers' one unconditional pipeline that
       starts from the scheduler's init_noise_sigma and feeds the UNet scheduler.scale_model_input(x, t), as an EDM
-      model needs. DDPMPipeline does neither: on an EDM model it draws faint, wrong images without an error."""
-    from diffusers import ConsistencyModelPipeline, DDPMPipeline, EDMEulerScheduler
+      model needs. DDPMPipeline does neither: on an EDM model it draws faint, wrong images without an error.
+    The pairs are SAVED_PIPELINES, which load_model checks."""
+    import diffusers
 
-    return ConsistencyModelPipeline if isinstance(noise_scheduler, EDMEulerScheduler) else DDPMPipeline
+    for pipeline, scheduler in SAVED_PIPELINES.items():
+        if scheduler is not None and isinstance(noise_scheduler, getattr(diffusers, scheduler)):
+            return getattr(diffusers, pipeline)
+    return diffusers.DDPMPipeline
 
 
 def save_model(folder: Path, unet, noise_scheduler, record: dict) -> None:

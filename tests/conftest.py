@@ -220,12 +220,14 @@ def save_tiny_pipeline(path: Path, size: int = 8, channels: int = 3, edm: bool =
     """An untrained DDPMPipeline of a UNet with 8 and 16 channels: sampling costs milliseconds. edm: saved as a
     --parameterization edm run saves it, a ConsistencyModelPipeline with an EDMEulerScheduler."""
     import torch
-    from diffusers import ConsistencyModelPipeline, DDPMPipeline, DDPMScheduler, EDMEulerScheduler, UNet2DModel
+    from diffusers import DDPMScheduler, EDMEulerScheduler, UNet2DModel
+
+    from model import pipeline_class
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
                        layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "UpBlock2D"))
     scheduler = EDMEulerScheduler(sigma_data=0.5) if edm else DDPMScheduler()
-    (ConsistencyModelPipeline if edm else DDPMPipeline)(unet=unet, scheduler=scheduler).save_pretrained(path)
+    pipeline_class(scheduler)(unet=unet, scheduler=scheduler).save_pretrained(path)
     return path
