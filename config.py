@@ -94,6 +94,7 @@ class TrainingConfig:
     timestep_sampling: Literal["auto", "uniform", "lognormal"] = "auto"  # training timesteps: uniform, or lognormal: ln(sigma) ~ N(lognormal_mean, lognormal_std) as EDM draws its noise levels, sigma = sqrt((1 - alpha_bar) / alpha_bar), on the scheduler's own timesteps; auto: lognormal for v_prediction, uniform for epsilon (whose error at the rarely drawn high noise levels is multiplied by sigma, up to 157)
     lognormal_mean: float | Auto = "auto"  # lognormal timesteps: mean of ln(sigma); auto: -ln(snr_gamma) / 2 (-0.80 at gamma 5) with the min-SNR weight, where that weight times the denoised image's error scale peaks, EDM's P_mean -1.2 with --loss_weighting edm or without --snr_gamma (bench/RESULTS.md: -0.80 beat -1.2 on letters and digits)
     lognormal_std: float = 1.2  # lognormal timesteps: standard deviation of ln(sigma) (EDM's P_std)
+    timestep_max_phase: Optional[float] = None  # DDPM path: the UNet's time MLP reads only the sinusoids of its timestep embedding that turn through at most this many radians over the training timesteps (the others' weights held at zero, so the saved UNet2DModel is a stock one): the noise level as a smooth value, as EDM's c_noise = ln(sigma) / 4 gives it, not a hash of the integer timestep; none: every sinusoid (diffusers' own); a fine-tune of a model that reads more keeps reading them all
     mixed_precision: MixedPrecision = "auto"  # auto: bf16 on GPUs that have it, else fp16; fp32 on CPU
     compile: bool = False  # torch.compile the UNet (GPU only; first steps are slow while it compiles)
     seed: Optional[int] = None  # makes the run reproducible; None draws one and records it in config.json
@@ -160,7 +161,7 @@ class SchedulerConfig:
     num_train_timesteps: int = 1000  # diffusion steps
     beta_start: float = 1e-4  # first beta
     beta_end: float = 0.02  # last beta
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"  # beta curve
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "log_sigma"] = "linear"  # beta curve; log_sigma: noise levels sigma evenly spaced in ln(sigma) over EDM's 0.002-80, so the timestep is an affine function of EDM's c_noise (saved as trained_betas, which DDPMPipeline reads)
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"  # what the UNet predicts; v (Salimans & Ho 2022) is x0 at high noise and epsilon at low, so it can train on EDM's log-normal noise levels (bench/RESULTS.md); a fine-tune keeps its pretrained model's
     parameterization: Literal["ddpm", "edm"] = "ddpm"  # ddpm: DDPMScheduler's timesteps (DDPMPipeline samples the saved model); edm: Karras et al.'s continuous log-normal noise levels and preconditioning with --sigma_data, c_noise = ln(sigma) / 4, the UNet predicts EDM's F (--prediction_type does not apply); saved with diffusers' EDMEulerScheduler as a ConsistencyModelPipeline, which DiffusionPipeline.from_pretrained samples (samplers: heun, euler, dpmsolver++)
 
@@ -520,7 +521,8 @@ def validate_training(cfg: Config) -> None:
     optional = [f.name for f in flags_of(*TRAINING_SECTIONS).values() if f.optional]
     _check_ranges(at_least, optional=optional,
                   positive=dict(learning_rate=t.learning_rate, adam_epsilon=t.adam_epsilon, beta_start=s.beta_start,
-                                snr_gamma=t.snr_gamma, sigma_data=t.sigma_data, lognormal_std=t.lognormal_std),
+                                snr_gamma=t.snr_gamma, sigma_data=t.sigma_data, lognormal_std=t.lognormal_std,
+                                timestep_max_phase=t.timestep_max_phase),
                   in_range=dict(lr_warmup_steps=(t.lr_warmup_steps, 0, None), display_size=(t.display_size, 0, None),
                                 adam_weight_decay=(t.adam_weight_decay, 0, None), adam_beta1=(t.adam_beta1, 0, 1),
                                 max_grad_norm=(t.max_grad_norm, 0, None), adam_beta2=(t.adam_beta2, 0, 1),
@@ -741,11 +743,13 @@ class Resolved:
 
 def resolve(cfg: Config, count_parameters: Callable[[ModelConfig, int, int], int], *, channels: Optional[int] = None,
             batches_per_epoch: Optional[int] = None, num_processes: int = 1, seed: Optional[int] = None,
-            pretrained: Optional[dict] = None, pretrained_schedule: Optional[dict] = None, device_type: str = "cpu",
-            native_bf16: bool = False, classes: Optional[list[str]] = None) -> Resolved:
+            pretrained: Optional[dict] = None, pretrained_schedule: Optional[dict] = None,
+            pretrained_time_phase: Optional[float] = None, device_type: str = "cpu", native_bf16: bool = False,
+            classes: Optional[list[str]] = None) -> Resolved:
     """The run's settings from its config and the facts of this run: the data's channels and batches per epoch
     (per process) and class names, the process count, the drawn seed (used when --seed is none), the pretrained UNet's config (its
-    shape replaces the model fields) and noise schedule (it replaces the scheduler fields) and the device. count_parameters(model, image_size, channels) counts a UNet's
+    shape replaces the model fields), noise schedule (it replaces the scheduler fields) and the highest phase its time
+    MLP reads (model.time_phase_read) and the device. count_parameters(model, image_size, channels) counts a UNet's
     parameters, for the learning rate. Facts not known yet (--dry_run) leave what depends on them unresolved."""
     cfg = copy.deepcopy(cfg)
     t, d = cfg.training, cfg.data
@@ -768,7 +772,14 @@ def resolve(cfg: Config, count_parameters: Callable[[ModelConfig, int, int], int
                 setattr(cfg.scheduler, f.name, pretrained_schedule[f.name])
         cfg.scheduler.parameterization = "edm" if "sigma_data" in pretrained_schedule else "ddpm"
         t.sigma_data = pretrained_schedule.get("sigma_data", t.sigma_data)
+    notices = []
+    if pretrained_time_phase is not None and t.timestep_max_phase is not None \
+            and pretrained_time_phase > t.timestep_max_phase:  # zeroing weights it reads would undo the pretraining
+        notices.append(f"the pretrained UNet reads timestep sinusoids of up to {pretrained_time_phase:.3g} radians, "
+                       f"more than --timestep_max_phase {t.timestep_max_phase:g}: its fine-tune reads them all")
+        t.timestep_max_phase = None
     if cfg.scheduler.parameterization == "edm":
+        t.timestep_max_phase = None  # c_noise = ln(sigma) / 4 spans a few radians: every sinusoid is a smooth one
         if t.timestep_sampling == "uniform":
             raise UserError("--parameterization edm draws its noise levels log-normally (--lognormal_mean, "
                             "--lognormal_std); drop --timestep_sampling uniform")
@@ -795,7 +806,7 @@ def resolve(cfg: Config, count_parameters: Callable[[ModelConfig, int, int], int
     compile_unet, compile_notice = resolve_compile(t.compile, device_type)
     return Resolved(cfg, channels, num_processes, num_parameters, steps_per_epoch, total_steps, precision,
                     compile_unet, chosen, tuple(classes or ()) if t.class_conditional else (),
-                    tuple(filter(None, (precision_notice, compile_notice))))
+                    tuple(filter(None, (*notices, precision_notice, compile_notice))))
 
 
 # ---------------------------------------------------------------------------------------------------

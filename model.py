@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ ARCHITECTURE = tuple(f.name for f in dataclasses.fields(ModelConfig))
 # is written with (None: any; a consistency model's ConsistencyModelPipeline has a CMStochasticIterativeScheduler and
 # is not ours). Their unet/ and scheduler/ load alike, so load_model reads both through DDPMPipeline.from_pretrained
 # and keeps only the two parts.
+LOG_SIGMA_RANGE = (0.002, 80.0)  # --beta_schedule log_sigma: EDM's sigma_min and sigma_max (Karras et al. 2022)
 SAVED_PIPELINES = {"DDPMPipeline": None, "ConsistencyModelPipeline": "EDMEulerScheduler"}
 CLASS_NAMES_FILE = "class_names.json"  # in unet/, beside the weights: a class-conditional model's classes
 
@@ -66,16 +68,76 @@ def fit_class_embedding(unet, num_classes: int):
     return fitted.to(unet.dtype)
 
 
+def log_sigma_betas(num_train_timesteps: int) -> list[float]:
+    """--beta_schedule log_sigma: the betas whose noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) are evenly
+    spaced in ln(sigma) over EDM's range (LOG_SIGMA_RANGE), so the timestep is an affine function of EDM's
+    c_noise = ln(sigma) / 4."""
+    low, high = (math.log(s) for s in LOG_SIGMA_RANGE)
+    sigma = torch.exp(torch.linspace(low, high, num_train_timesteps, dtype=torch.float64))
+    alpha_bar = 1 / (1 + sigma ** 2)
+    before = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    return (1 - alpha_bar / before).tolist()
+
+
 def build_noise_scheduler(s: SchedulerConfig, sigma_data: float = 0.5):
     """The trained schedule, saved with the model: DDPMScheduler, or for --parameterization edm diffusers'
-    EDMEulerScheduler (EDM's sigma range 0.002-80, rho 7, and its c_in, c_skip, c_out and c_noise with sigma_data)."""
+    EDMEulerScheduler (EDM's sigma range 0.002-80, rho 7, and its c_in, c_skip, c_out and c_noise with sigma_data).
+    --beta_schedule log_sigma is saved as the DDPMScheduler's trained_betas (every diffusers scheduler reads them
+    before the beta_schedule name, which stays in the config to say what they are)."""
     from diffusers import DDPMScheduler, EDMEulerScheduler
 
     fields = dataclasses.asdict(s)
     if fields.pop("parameterization") == "edm":
         return EDMEulerScheduler(sigma_data=sigma_data, prediction_type=s.prediction_type,
                                  num_train_timesteps=s.num_train_timesteps)
+    if s.beta_schedule == "log_sigma":
+        fields["trained_betas"] = log_sigma_betas(s.num_train_timesteps)
     return DDPMScheduler(**fields)
+
+
+def time_phases(unet, num_train_timesteps: int) -> torch.Tensor:
+    """The phase, in radians, that each sinusoid of UNet2DModel's timestep embedding turns through over the training
+    timesteps (frequencies as diffusers' get_timestep_embedding draws them)."""
+    half = unet.time_embedding.linear_1.weight.shape[1] // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float64) / (half - unet.config.freq_shift)
+    return torch.exp(exponent) * num_train_timesteps
+
+
+def time_frequency_mask(unet, max_phase: float, num_train_timesteps: int) -> torch.Tensor:
+    """For --timestep_max_phase: 1 for the weights of the time MLP's first layer (time_embedding.linear_1) that read
+    a sinusoid turning through at most max_phase radians over the training timesteps, 0 for the rest (the sine and
+    the cosine of frequency i are columns i and half + i, whichever comes first)."""
+    weight = unet.time_embedding.linear_1.weight
+    kept = (time_phases(unet, num_train_timesteps) <= max_phase).to(weight.dtype)
+    if not kept.any():
+        raise UserError(f"--timestep_max_phase {max_phase:g} keeps none of the UNet's timestep sinusoids (the slowest "
+                        f"turns through {time_phases(unet, num_train_timesteps).min():.3g} radians); raise it")
+    return torch.cat([kept, kept]).expand_as(weight).to(weight.device)
+
+
+def time_phase_read(unet, num_train_timesteps: int) -> float:
+    """The highest phase among the timestep sinusoids that the UNet's time MLP reads (weights not all zero)."""
+    weight = unet.time_embedding.linear_1.weight
+    half = weight.shape[1] // 2
+    read = weight.ne(0).any(dim=0)
+    phases = time_phases(unet, num_train_timesteps)[(read[:half] | read[half:]).cpu()]
+    return float(phases.max()) if len(phases) else 0.0
+
+
+def hold_time_frequencies(unet, mask: torch.Tensor) -> None:
+    """Zero the time MLP's weights outside mask and keep them zero while training (their gradient is masked, so
+    AdamW and its weight decay leave them at 0): the saved UNet is a stock UNet2DModel that never reads those
+    sinusoids."""
+    weight, on_device = unet.time_embedding.linear_1.weight, {}
+
+    def masked(grad):
+        if grad.device not in on_device:  # once: the model may move to its device after this
+            on_device[grad.device] = mask.to(grad.device, grad.dtype)
+        return grad * on_device[grad.device]
+
+    with torch.no_grad():
+        weight.mul_(mask.to(weight.device, weight.dtype))
+    weight.register_hook(masked)
 
 
 def count_parameters(m: ModelConfig, image_size: int, channels: int) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar
 
 import imageio.v3 as iio
+import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -209,6 +210,9 @@ def make_sampler(name: str, trained_scheduler_config, **overrides) -> SchedulerM
         return cls.from_config(trained_scheduler_config, **{**settings, **overrides})
     if name == REPAINT:
         velocity = trained_scheduler_config.get("prediction_type") == "v_prediction"
+        betas = trained_scheduler_config.get("trained_betas")  # --beta_schedule log_sigma: RePaint reads numpy
+        if betas is not None:
+            overrides = {"trained_betas": np.asarray(betas, np.float32), **overrides}
         return (VelocityRePaintScheduler if velocity else RePaintScheduler).from_config(trained_scheduler_config,
                                                                                         **overrides)
     cls, settings = SAMPLER_CLASSES[name]

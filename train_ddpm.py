@@ -36,7 +36,8 @@ from checkpoint import (CHECKPOINT_NAME, Progress, ema_weights, find_checkpoint,
 from dataset import Labelled, batches_per_epoch, check_source, load_dataset, make_dataloader, to_model_input
 from ema import POSTHOC_LENGTHS, SNAPSHOT_FOLDER, PowerEMA, drop_snapshots_after
 from files import OLD, atomic_folder, read_json, restore_interrupted, write_json
-from model import build_noise_scheduler, build_unet, count_parameters, fit_class_embedding, load_model, save_model
+from model import (build_noise_scheduler, build_unet, count_parameters, fit_class_embedding, hold_time_frequencies,
+                   load_model, save_model, time_frequency_mask, time_phase_read)
 
 RUN_OUTPUTS = ("logs", "final_model", "config.json", "sample_training_data.png", "final_samples.png", "best_model",
                SNAPSHOT_FOLDER)
@@ -153,6 +154,9 @@ def build_training(run: Resolved, accelerator, pretrained=None) -> TrainingParts
     else:
         model = build_unet(cfg.model, t.image_size, run.channels, len(run.classes))
     model.train()  # from_pretrained leaves a model in eval mode: dropout would be off
+    if t.timestep_max_phase is not None:
+        hold_time_frequencies(model, time_frequency_mask(model, t.timestep_max_phase,
+                                                         cfg.scheduler.num_train_timesteps))
     if t.freeze_down_blocks:
         model.conv_in.requires_grad_(False)
         model.down_blocks.requires_grad_(False)
@@ -700,7 +704,9 @@ def train(cfg: Config) -> int:
         cfg, count_parameters, channels=dataset.channels, num_processes=state.num_processes, seed=drawn_seed,
         batches_per_epoch=batches_per_epoch(len(dataset), t.train_batch_size, state.num_processes),
         pretrained=pretrained.unet.config if pretrained is not None else None,
-        pretrained_schedule=pretrained.schedule if pretrained is not None else None, device_type=device.type,
+        pretrained_schedule=pretrained.schedule if pretrained is not None else None,
+        pretrained_time_phase=time_phase_read(pretrained.unet, pretrained.schedule["num_train_timesteps"])
+        if pretrained is not None else None, device_type=device.type,
         native_bf16=native_bf16(device), classes=dataset.classes)
     cfg, t, out, total_steps = run.cfg, run.cfg.training, Path(run.cfg.training.output_dir).expanduser(), run.total_steps
     if main:
@@ -939,7 +945,8 @@ def dry_run(cfg: Config) -> int:
     pretrained = saved.unet.config if saved else None
     run = config_module.resolve(cfg, count_parameters, pretrained=pretrained,
                                 pretrained_schedule=saved.schedule if saved else None,
-                                channels=pretrained and pretrained["in_channels"])
+                                pretrained_time_phase=time_phase_read(saved.unet, saved.schedule["num_train_timesteps"])
+                                if saved else None, channels=pretrained and pretrained["in_channels"])
     print(json.dumps(dataclasses.asdict(run.cfg), indent=2))
     return 0
 

@@ -4,6 +4,7 @@ harmless, a preview of the data that is a random sample of it."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -238,3 +239,44 @@ def test_edm_parameterization_trains_on_lognormal_sigmas_with_min_snr_or_edm_wei
                           (("--sample_scheduler", "ddim"), "sample_scheduler ddim")):
         with pytest.raises(config.UserError, match=message):
             resolved(*argv)
+
+
+def test_timestep_max_phase_holds_the_fast_sinusoids_of_the_time_embedding_at_zero_through_training():
+    """--timestep_max_phase: the time MLP's weights on the sinusoids that turn through more than the phase over the
+    1,000 training timesteps are zero and stay zero under AdamW with weight decay; the slow ones train. Which
+    columns are slow is read off diffusers' own embedding, not our formula."""
+    from model import build_unet, hold_time_frequencies, time_frequency_mask, time_phase_read
+
+    cfg, _ = train_ddpm.parse_config(["--block_out_channels", "32", "64", "--norm_num_groups", "8",
+                                      "--layers_per_block", "1", "--down_block_types", "DownBlock2D", "DownBlock2D",
+                                      "--up_block_types", "UpBlock2D", "UpBlock2D"])
+    unet = build_unet(cfg.model, 16, 1)
+    assert time_phase_read(unet, 1000) == 1000  # diffusers' own: every sinusoid, the fastest one radian a step
+    mask = time_frequency_mask(unet, 3.2, 1000)
+    embedding = unet.time_proj(torch.arange(1000))  # (timesteps, 32): cosines and sines as the UNet computes them
+    slowest_step = embedding.diff(dim=0).abs().max(dim=0).values  # each column's largest change between timesteps
+    assert torch.equal(mask[0].bool(), slowest_step <= 3.2 / 1000 + 1e-6) and int(mask[0].sum()) == 12  # 6 of 16
+    hold_time_frequencies(unet, mask)
+    weight = unet.time_embedding.linear_1.weight
+    before = weight.detach().clone()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        loss = unet(torch.randn(2, 1, 16, 16), torch.tensor([3, 700])).sample.square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.all(weight[mask == 0] == 0) and not torch.equal(weight[mask == 1], before[mask == 1])
+    assert time_phase_read(unet, 1000) == pytest.approx(1000 * 10000 ** (-10 / 16))
+    with pytest.raises(config.UserError, match="keeps none of the UNet's timestep sinusoids"):
+        time_frequency_mask(unet, 0.01, 1000)
+
+
+def test_the_log_sigma_schedule_spaces_the_noise_levels_evenly_in_log_sigma_over_edms_range():
+    cfg, _ = train_ddpm.parse_config(["--beta_schedule", "log_sigma"])
+    scheduler = build_noise_scheduler(cfg.scheduler)
+    sigma = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).sqrt().double()
+    torch.testing.assert_close(sigma[[0, -1]], torch.tensor([0.002, 80.0], dtype=torch.float64), rtol=2e-3, atol=0)
+    steps = sigma[sigma > 0.01].log().diff()  # below, diffusers' float32 cumprod of 1 - beta ~ 1 - 1e-7 blurs them
+    assert steps.max() - steps.min() < 0.05 * steps.mean() and steps.mean() == pytest.approx(math.log(40_000) / 999,
+                                                                                              rel=0.01)
+    assert scheduler.config.beta_schedule == "log_sigma" and len(scheduler.config.trained_betas) == 1000
