@@ -94,7 +94,7 @@ class TrainingConfig:
     timestep_sampling: Literal["auto", "uniform", "lognormal"] = "auto"  # training timesteps: uniform, or lognormal: ln(sigma) ~ N(lognormal_mean, lognormal_std) as EDM draws its noise levels, sigma = sqrt((1 - alpha_bar) / alpha_bar), on the scheduler's own timesteps; auto: lognormal for v_prediction, uniform for epsilon (whose error at the rarely drawn high noise levels is multiplied by sigma, up to 157)
     lognormal_mean: float | Auto = "auto"  # lognormal timesteps: mean of ln(sigma); auto: -ln(snr_gamma) / 2 (-0.80 at gamma 5) with the min-SNR weight, where that weight times the denoised image's error scale peaks, EDM's P_mean -1.2 with --loss_weighting edm or without --snr_gamma (bench/RESULTS.md: -0.80 beat -1.2 on letters and digits)
     lognormal_std: float = 1.2  # lognormal timesteps: standard deviation of ln(sigma) (EDM's P_std)
-    timestep_max_phase: Optional[float] = None  # DDPM path: the UNet's time MLP reads only the sinusoids of its timestep embedding that turn through at most this many radians over the training timesteps (the others' weights held at zero, so the saved UNet2DModel is a stock one): the noise level as a smooth value, as EDM's c_noise = ln(sigma) / 4 gives it, not a hash of the integer timestep; none: every sinusoid (diffusers' own); a fine-tune of a model that reads more keeps reading them all
+    timestep_max_phase: Optional[float] = 3.2  # DDPM path: the UNet's time MLP reads only the sinusoids of its timestep embedding that turn through at most this many radians over the training timesteps (the others' weights held at zero, so the saved UNet2DModel is a stock one): the noise level as a smooth value, as EDM's c_noise = ln(sigma) / 4 gives it, not a hash of the integer timestep (with --beta_schedule log_sigma: 0.72x the distance on letters, bench/RESULTS.md); none: every sinusoid (diffusers' own); a fine-tune of a model that reads more keeps reading them all
     mixed_precision: MixedPrecision = "auto"  # auto: bf16 on GPUs that have it, else fp16; fp32 on CPU
     compile: bool = False  # torch.compile the UNet (GPU only; first steps are slow while it compiles)
     seed: Optional[int] = None  # makes the run reproducible; None draws one and records it in config.json
@@ -159,9 +159,9 @@ class SchedulerConfig:
     """The DDPMScheduler noise schedule used for training (and saved with the model for sampling)."""
 
     num_train_timesteps: int = 1000  # diffusion steps
-    beta_start: float = 1e-4  # first beta
-    beta_end: float = 0.02  # last beta
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "log_sigma"] = "linear"  # beta curve; log_sigma: noise levels sigma evenly spaced in ln(sigma) over EDM's 0.002-80, so the timestep is an affine function of EDM's c_noise (saved as trained_betas, which DDPMPipeline reads)
+    beta_start: float = 1e-4  # first beta (linear and scaled_linear schedules)
+    beta_end: float = 0.02  # last beta (linear and scaled_linear schedules)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "log_sigma"] = "log_sigma"  # beta curve; log_sigma: noise levels sigma evenly spaced in ln(sigma) over EDM's 0.002-80, so the timestep is an affine function of EDM's c_noise (saved as trained_betas, which DDPMPipeline reads); linear: Ho et al.'s (with beta_start, beta_end)
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"  # what the UNet predicts; v (Salimans & Ho 2022) is x0 at high noise and epsilon at low, so it can train on EDM's log-normal noise levels (bench/RESULTS.md); a fine-tune keeps its pretrained model's
     parameterization: Literal["ddpm", "edm"] = "ddpm"  # ddpm: DDPMScheduler's timesteps (DDPMPipeline samples the saved model); edm: Karras et al.'s continuous log-normal noise levels and preconditioning with --sigma_data, c_noise = ln(sigma) / 4, the UNet predicts EDM's F (--prediction_type does not apply); saved with diffusers' EDMEulerScheduler as a ConsistencyModelPipeline, which DiffusionPipeline.from_pretrained samples (samplers: heun, euler, dpmsolver++)
 
@@ -362,7 +362,7 @@ RETIRED_FIELDS = ("ema_max_decay", "ema_inv_gamma", "ema_power")
 # Defaults that changed, as the runs that wrote config.json files without the field had them: a checkpoint of an
 # earlier version resumes as it trained.
 EARLIER_DEFAULTS = {"prediction_type": "epsilon", "timestep_sampling": "uniform", "adam_beta1": 0.95,
-                    "lognormal_mean": -1.2}
+                    "lognormal_mean": -1.2, "timestep_max_phase": None}
 
 
 def read_config_file(path: str | Path, sections: tuple[type, ...]) -> dict[str, object]:
@@ -632,7 +632,7 @@ def validate_evaluate(cfg: EvaluateConfig) -> None:
 
 # What a checkpoint's weights and optimizer were built for: a resumed run keeps them (other flags take effect).
 FIXED_ON_RESUME = (*(f.name for f in dataclasses.fields(ModelConfig)), "image_size", "num_channels", "use_ema",
-                   "class_conditional",
+                   "class_conditional", "timestep_max_phase",
                    "pretrained_model_path", "freeze_down_blocks", "lr_scheduler", "lr_warmup_steps")
 
 

@@ -26,7 +26,8 @@ def test_defaults_are_the_readmes():
     assert m.down_block_types[4] == "AttnDownBlock2D" and m.up_block_types[1] == "AttnUpBlock2D"
     assert m.attention_head_dim == 8 and cfg.data.data_dir == "./data"
     assert (s.num_train_timesteps, s.beta_start, s.beta_end, s.beta_schedule, s.prediction_type) == (
-        1000, 1e-4, 0.02, "linear", "v_prediction")  # v: measured (bench/RESULTS.md); the README's DDPM had epsilon
+        1000, 1e-4, 0.02, "log_sigma", "v_prediction")  # both measured (bench/RESULTS.md); the README's DDPM had
+    assert t.timestep_max_phase == 3.2  # linear and epsilon, and diffusers' UNet reads every timestep sinusoid
 
 
 def test_every_field_has_a_flag_with_help(capsys):

@@ -150,7 +150,8 @@ def test_ddim_steps_on_the_papers_leading_timesteps_whatever_the_models_config()
 
 
 def test_edm_weighting_and_lognormal_timesteps_are_karras_et_al_on_the_ddpm_timesteps():
-    cfg, _ = train_ddpm.parse_config(["--loss_weighting", "edm", "--sigma_data", "0.5", "--prediction_type", "epsilon"])
+    cfg, _ = train_ddpm.parse_config(["--loss_weighting", "edm", "--sigma_data", "0.5", "--prediction_type", "epsilon",
+                                      "--beta_schedule", "linear"])
     scheduler = build_noise_scheduler(cfg.scheduler)
     alphas = scheduler.alphas_cumprod.double()
     sigma2 = (1 - alphas) / alphas
@@ -166,6 +167,13 @@ def test_edm_weighting_and_lognormal_timesteps_are_karras_et_al_on_the_ddpm_time
     median = drawn.median().item()
     assert abs(log_sigma[median].item() + 1.2) < 0.05  # EDM's P_mean
     assert 0.6 < (drawn < 250).float().mean() < 0.95 and (drawn > 600).float().mean() < 0.01  # mid noise levels
+    # On the default log_sigma schedule the timestep is affine in ln(sigma): log-normal sigmas give normal timesteps.
+    cfg.scheduler.beta_schedule = "log_sigma"
+    boundaries = train_ddpm.lognormal_boundaries(build_noise_scheduler(cfg.scheduler), torch.device("cpu"))
+    drawn = torch.bucketize(-1.2 + 1.2 * torch.randn(100_000), boundaries).double()
+    per_log_sigma = 999 / math.log(80 / 0.002)  # timesteps per unit of ln(sigma)
+    assert abs(drawn.mean() - (-1.2 - math.log(0.002)) * per_log_sigma) < 2
+    assert abs(drawn.std() - 1.2 * per_log_sigma) < 2
 
 
 def test_v_prediction_trains_on_lognormal_timesteps_by_default_and_epsilon_on_uniform_ones():
@@ -181,7 +189,7 @@ def test_v_prediction_trains_on_lognormal_timesteps_by_default_and_epsilon_on_un
     assert resolved("--prediction_type", "epsilon") == ("epsilon", "uniform", 0.9)
     assert resolved("--timestep_sampling", "uniform") == ("v_prediction", "uniform", 0.9)
     assert config.EARLIER_DEFAULTS == {"prediction_type": "epsilon", "timestep_sampling": "uniform", "adam_beta1": 0.95,
-                                       "lognormal_mean": -1.2}
+                                       "lognormal_mean": -1.2, "timestep_max_phase": None}
 
 
 def test_the_lognormal_centre_follows_the_loss_weight_and_an_earlier_run_keeps_edms():
@@ -211,6 +219,7 @@ def test_a_config_json_of_an_earlier_version_keeps_the_defaults_it_trained_with(
     written.write_text(json.dumps({"training": {"learning_rate": 1e-3}, "_provenance": {}}))
     values = config.read_config_file(written, config.TRAINING_SECTIONS)
     assert (values["prediction_type"], values["timestep_sampling"], values["adam_beta1"]) == ("epsilon", "uniform", 0.95)
+    assert values["timestep_max_phase"] is None  # its UNet read every timestep sinusoid
     written.write_text(json.dumps({"training": {"adam_beta1": 0.9}, "scheduler": {"prediction_type": "v_prediction"},
                                    "_provenance": {}}))
     values = config.read_config_file(written, config.TRAINING_SECTIONS)

@@ -269,6 +269,12 @@ def test_fine_tuning_from_final_model_with_frozen_encoder(image_folder, tmp_path
                             "--image_size", "16", "--dry_run"]) == 0
     resolved = json.loads(capsys.readouterr().out)
     assert resolved["scheduler"]["prediction_type"] == "epsilon" and resolved["training"]["timestep_sampling"] == "uniform"
+    # ... and with its schedule and every timestep sinusoid its UNet reads (zeroing them would undo the pretraining);
+    # a fine-tune of a default run keeps holding the fast ones at zero.
+    assert resolved["scheduler"]["beta_schedule"] == "linear" and resolved["training"]["timestep_max_phase"] is None
+    tuned_config = json.loads((tuned / "config.json").read_text())
+    assert (tuned_config["scheduler"]["beta_schedule"], tuned_config["training"]["timestep_max_phase"]) == ("log_sigma",
+                                                                                                          3.2)
 
 
 def lr_by_run(out: Path) -> list[dict[int, float]]:

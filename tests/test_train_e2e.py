@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -31,6 +32,13 @@ def test_final_model_is_a_diffusers_pipeline_with_the_resolved_config(trained_ru
     assert pipeline.unet.config.sample_size == 16
     assert list(pipeline.unet.config.block_out_channels) == [16, 32]
     assert pipeline.scheduler.config.num_train_timesteps == 1000
+    # The defaults' noise levels, evenly spaced in ln(sigma) from EDM's 0.002 to 80, and a time MLP that reads only
+    # the timestep sinusoids of at most 3.2 radians (the 16-channel UNet's 3 slowest of 8): stock diffusers classes.
+    alpha_bar = pipeline.scheduler.alphas_cumprod
+    sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
+    assert sigma[0] == pytest.approx(0.002, rel=2e-3) and sigma[-1] == pytest.approx(80, rel=1e-3)
+    read = pipeline.unet.time_embedding.linear_1.weight.ne(0).any(dim=0).tolist()
+    assert read == [False] * 5 + [True] * 3 + [False] * 5 + [True] * 3
     record = json.loads((out / "final_model" / "config.json").read_text())
     assert record["training"]["seed"] == 7
     assert record["training"]["dataset_name"] == "custom"
