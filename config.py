@@ -772,12 +772,6 @@ def resolve(cfg: Config, count_parameters: Callable[[ModelConfig, int, int], int
                 setattr(cfg.scheduler, f.name, pretrained_schedule[f.name])
         cfg.scheduler.parameterization = "edm" if "sigma_data" in pretrained_schedule else "ddpm"
         t.sigma_data = pretrained_schedule.get("sigma_data", t.sigma_data)
-    notices = []
-    if pretrained_time_phase is not None and t.timestep_max_phase is not None \
-            and pretrained_time_phase > t.timestep_max_phase:  # zeroing weights it reads would undo the pretraining
-        notices.append(f"the pretrained UNet reads timestep sinusoids of up to {pretrained_time_phase:.3g} radians, "
-                       f"more than --timestep_max_phase {t.timestep_max_phase:g}: its fine-tune reads them all")
-        t.timestep_max_phase = None
     if cfg.scheduler.parameterization == "edm":
         t.timestep_max_phase = None  # c_noise = ln(sigma) / 4 spans a few radians: every sinusoid is a smooth one
         if t.timestep_sampling == "uniform":
@@ -788,6 +782,12 @@ def resolve(cfg: Config, count_parameters: Callable[[ModelConfig, int, int], int
         if t.sample_scheduler not in EDM_SAMPLERS:
             raise UserError(f"--sample_scheduler {t.sample_scheduler} samples DDPM models; with --parameterization edm "
                             f"use {', '.join(EDM_SAMPLERS)}")
+    notices = []
+    if pretrained_time_phase is not None and t.timestep_max_phase is not None \
+            and pretrained_time_phase > t.timestep_max_phase:  # zeroing weights it reads would undo the pretraining
+        notices.append(f"the pretrained UNet reads timestep sinusoids of up to {pretrained_time_phase:.3g} radians, "
+                       f"more than --timestep_max_phase {t.timestep_max_phase:g}: its fine-tune reads them all")
+        t.timestep_max_phase = None
     if t.timestep_sampling == "auto":
         t.timestep_sampling = "lognormal" if cfg.scheduler.prediction_type == "v_prediction" else "uniform"
     num_parameters = count_parameters(cfg.model, t.image_size, channels)

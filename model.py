@@ -23,13 +23,13 @@ WRAPPER_PREFIX = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DDP and torch.comp
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 # The UNet2DModel settings that ModelConfig holds (the rest follow from the data: size and channels).
 ARCHITECTURE = tuple(f.name for f in dataclasses.fields(ModelConfig))
+LOG_SIGMA_RANGE = (0.002, 80.0)  # --beta_schedule log_sigma: EDM's sigma_min and sigma_max (Karras et al. 2022)
 
 
 # The model_index.json class names of the folders save_model writes (pipeline_class), each with the scheduler class it
 # is written with (None: any; a consistency model's ConsistencyModelPipeline has a CMStochasticIterativeScheduler and
 # is not ours). Their unet/ and scheduler/ load alike, so load_model reads both through DDPMPipeline.from_pretrained
 # and keeps only the two parts.
-LOG_SIGMA_RANGE = (0.002, 80.0)  # --beta_schedule log_sigma: EDM's sigma_min and sigma_max (Karras et al. 2022)
 SAVED_PIPELINES = {"DDPMPipeline": None, "ConsistencyModelPipeline": "EDMEulerScheduler"}
 CLASS_NAMES_FILE = "class_names.json"  # in unet/, beside the weights: a class-conditional model's classes
 
