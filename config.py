@@ -631,8 +631,8 @@ def validate_evaluate(cfg: EvaluateConfig) -> None:
 
 
 # What a checkpoint's weights and optimizer were built for: a resumed run keeps them (other flags take effect).
-FIXED_ON_RESUME = (*(f.name for f in dataclasses.fields(ModelConfig)), "image_size", "num_channels", "use_ema",
-                   "class_conditional", "timestep_max_phase",
+FIXED_ON_RESUME = (*(f.name for section in (ModelConfig, SchedulerConfig) for f in dataclasses.fields(section)),
+                   "image_size", "num_channels", "use_ema", "class_conditional", "timestep_max_phase",
                    "pretrained_model_path", "freeze_down_blocks", "lr_scheduler", "lr_warmup_steps")
 
 

@@ -327,6 +327,9 @@ def test_extend_a_finished_run_with_new_settings_then_resume_an_older_one(image_
     assert train_ddpm.main(["--output_dir", str(out), "--resume_from_checkpoint", "latest", "--lr_scheduler",
                             "linear", "--dry_run"]) == 2
     assert "--lr_scheduler cannot change when resuming (the checkpoint has cosine)" in capsys.readouterr().err
+    assert train_ddpm.main(["--output_dir", str(out), "--resume_from_checkpoint", "latest", "--beta_schedule",
+                            "linear", "--dry_run"]) == 2  # the noise schedule the weights were trained on
+    assert "--beta_schedule cannot change when resuming (the checkpoint has log_sigma)" in capsys.readouterr().err
     first, second, third = lr_by_run(out)[:3]
     assert first[6] == 0 and first[4] == pytest.approx(peak / 2)  # the cosine's middle: (4 - 2) / (6 - 2)
     assert second[7] == pytest.approx(peak / 2) and second[8] == pytest.approx(peak)  # warmed up from 0 again
