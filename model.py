@@ -95,6 +95,12 @@ def build_noise_scheduler(s: SchedulerConfig, sigma_data: float = 0.5):
     return DDPMScheduler(**fields)
 
 
+def to_dtype(unet, dtype: torch.dtype):
+    """The UNet in dtype. diffusers' ModelMixin.to warns of float32-only modules on every cast to a dtype, even for
+    a model that has none (UNet2DModel; diffusers 0.42), so a cast goes through torch's own Module.to."""
+    return unet if unet.dtype == dtype else torch.nn.Module.to(unet, dtype=dtype)
+
+
 def time_phases(unet, num_train_timesteps: int) -> torch.Tensor:
     """The phase, in radians, that each sinusoid of UNet2DModel's timestep embedding turns through over the training
     timesteps (frequencies as diffusers' get_timestep_embedding draws them)."""
@@ -332,4 +338,4 @@ def _load_old_checkpoint(folder: Path, dtype) -> SavedModel:
     classes = len(weights["class_embedding.weight"]) - 1 if "class_embedding.weight" in weights else 0
     unet = build_unet(m, saved.get("image_size", 64), record.get("_provenance", {}).get("channels", 3), classes)
     unet.load_state_dict(weights)
-    return SavedModel(unet.to(dtype or torch.float32).eval(), build_noise_scheduler(s).config, record or None)
+    return SavedModel(to_dtype(unet, dtype or torch.float32).eval(), build_noise_scheduler(s).config, record or None)

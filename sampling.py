@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from config import DEFAULT_GUIDANCE_SCALE, EDM_SAMPLERS, UserError
 from files import atomic_file, write_json
+from model import to_dtype
 
 T = TypeVar("T")
 
@@ -550,7 +551,7 @@ def sampling_dtype(requested: str, device: torch.device, quiet: bool = False) ->
 
 def prepare_unet(unet, device: torch.device, dtype: torch.dtype, compile_unet: bool = False):
     """The UNet on the device, in eval mode and dtype, channels_last on a GPU, compiled if asked (GPU only)."""
-    unet = unet.to(device=device, dtype=dtype).eval()
+    unet = to_dtype(unet.to(device), dtype).eval()
     if device.type == "cuda":
         unet = unet.to(memory_format=torch.channels_last)
         if compile_unet:
