@@ -76,8 +76,8 @@ def parse_args(argv=None):
                    help="right_half: the 8 right columns; centre: the 6x6 centre square")
     p.add_argument("--per_class", type=int, default=4, help="held-out letters inpainted per class (0: all of them)")
     p.add_argument("--seed", type=int, default=0, help="every letter's result is drawn from this seed")
-    p.add_argument("--repaint_args", nargs="+", default=[""],
-                   help="one RePaint run per value: extra inference.py flags ('' for its defaults)")
+    p.add_argument("--repaint_args", nargs="*", default=[""],
+                   help="one RePaint run per value: extra inference.py flags ('' for its defaults; none: no RePaint)")
     p.add_argument("--sdedit_strengths", type=float, nargs="*", default=[0.5, 0.8])
     p.add_argument("--sdedit_args", default=None,
                    help="inference.py flags of the SDEdit runs (default: 50 steps of the deterministic sampler the "
